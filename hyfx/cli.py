@@ -1,0 +1,185 @@
+"""`hyfx inspect | quantize | eval`: the pipeline from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+import hyfx
+from hyfx import zoo
+from hyfx.capture import capture_report
+from hyfx.data import ImageSet, data_config, example_input, load_image_folder, make_loader, split, verify_images
+from hyfx.errors import HyfxError
+from hyfx.evaluate import compare
+from hyfx.graph import HybridGraph
+from hyfx.quant.spec import check_bits
+from hyfx.recipes import RECIPES, get_recipe
+from hyfx.report import block_table, write_graph
+
+
+def _model(args: argparse.Namespace) -> torch.nn.Module:
+    return zoo.create(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained)
+
+
+def _captured(model: torch.nn.Module) -> tuple[torch.fx.GraphModule, dict]:
+    config = data_config(model)
+    gm = hyfx.capture(model, example_input(config))
+    return gm, config
+
+
+def _pool(args: argparse.Namespace, folder: str) -> ImageSet:
+    """The images of `folder` minus those the model was trained on (a zoo hybrid's distillation set)."""
+    images = load_image_folder(folder)
+    trained = zoo.training_images(args.model)
+    if trained:
+        images = images.without(trained)
+        if len(images) == 0:
+            raise HyfxError(f"every image in {folder} was used to train {args.model}: pass other images")
+    return images
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    model = _model(args)
+    gm, _ = _captured(model)
+    hg = hyfx.analyze(gm)
+    print(capture_report(gm).summary())
+    print(block_table(hg))
+    if args.graph:
+        for path in args.graph:
+            print(f"wrote {write_graph(hg, path)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(_inspect_json(hg), indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _inspect_json(hg: HybridGraph) -> dict:
+    return {
+        "blocks": [{"name": b.name, "kind": b.kind, "bridge": b.bridge, "counts": dict(b.counts), "layers": b.layers}
+                   for b in hg.blocks],
+        "bridges": [{"block": b.block, "layers": b.layers, "into": b.into, "exit_layers": b.exit_layers}
+                    for b in hg.bridges],
+    }
+
+
+def _recipe_options(args: argparse.Namespace) -> dict:
+    options = {}
+    for bits in (args.bits, args.w_bits, args.a_bits):
+        if bits is not None:
+            check_bits(bits)
+    if args.bits is not None:
+        options.update(w_bits=args.bits, a_bits=args.bits)
+    if args.w_bits is not None:
+        options["w_bits"] = args.w_bits
+    if args.a_bits is not None:
+        options["a_bits"] = args.a_bits
+    return options
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    options = _recipe_options(args)  # bad bit-widths fail before the model is built
+    model = _model(args)
+    gm, config = _captured(model)
+    calib, _ = split(_pool(args, args.calib), args.n_calib, seed=args.seed)
+    verify_images(calib)
+    loader = make_loader(calib, config, batch_size=args.batch_size)
+    start = time.perf_counter()
+    plan = get_recipe(args.recipe)(gm, loader, **options)
+    plan.model = args.model
+    plan.meta["plan_seconds"] = round(time.perf_counter() - start, 2)
+    plan.meta["calibration"] = {**plan.meta.get("calibration", {}), "images": calib.names(), "seed": args.seed}
+    hyfx.save_plan(plan, args.out)
+    print(f"{args.recipe} plan for {args.model}: {len(plan.layers)} layers, {plan.summary()}; "
+          f"{len(calib)} calibration images; {plan.meta['plan_seconds']} s → {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    plan = hyfx.load_plan(args.plan)
+    if plan.model and plan.model != args.model:
+        raise HyfxError(f"plan {args.plan} was made for {plan.model}, not {args.model}: pass the matching model")
+    model = _model(args)
+    gm, config = _captured(model)
+    qgm = hyfx.quantize(gm, plan)
+    pool = _pool(args, args.data).without(plan.meta.get("calibration", {}).get("images", []))
+    if args.n_eval is not None and args.n_eval < len(pool):
+        _, pool = split(pool, len(pool) - args.n_eval, seed=args.seed)
+    loader = make_loader(pool, config, batch_size=args.batch_size)
+    results = compare(gm, {plan.recipe: qgm}, loader)
+    real = zoo.is_real_weights(args.model) or args.checkpoint is not None
+    print(f"{args.model} on {len(pool)} images (calibration images excluded)"
+          + ("" if real else " — RANDOM WEIGHTS: accuracy is meaningless, parity only"))
+    print(f"{'model':<16}{'top-1':>8}{'top-5':>8}{'95% CI top-1':>18}{'agree':>8}{'KL':>10}")
+    for name, acc in results.items():
+        agree = f"{acc.agreement:7.2f}%" if acc.agreement is not None else f"{'':>8}"
+        kl = f"{acc.kl:10.4f}" if acc.kl is not None else f"{'':>10}"
+        ci = f"[{acc.top1_ci95[0]:.1f}, {acc.top1_ci95[1]:.1f}]"
+        print(f"{name:<16}{acc.top1:7.2f}%{acc.top5:7.2f}%{ci:>18}{agree}{kl}")
+    if args.json:
+        payload = {"model": args.model, "plan": str(args.plan), "images": len(pool), "real_weights": real,
+                   "results": {k: v.to_dict() for k, v in results.items()}}
+        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+    return 0
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help=f"a timm model name or a zoo entry ({', '.join(zoo.list_models())})")
+    parser.add_argument("--checkpoint", help="local state dict to load into the architecture (strict)")
+    parser.add_argument("--pretrained", action="store_true", help="timm hub weights (needs network access)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hyfx", description=hyfx.__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="blocks (cnn / transformer / bridge), node kinds, bridges")
+    _add_model_args(p)
+    p.add_argument("--graph", nargs="*", help="write the tagged graph: .dot, .png or .svg")
+    p.add_argument("--json", help="write blocks and bridges as JSON")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("quantize", help="calibrate a recipe and write its QuantPlan (JSON)")
+    _add_model_args(p)
+    p.add_argument("--recipe", default="efficientquant", choices=sorted(RECIPES))
+    p.add_argument("--calib", required=True, help="image folder (class subfolders, or images + labels.csv)")
+    p.add_argument("--n-calib", type=int, default=32, help="calibration images drawn from --calib (default 32)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bits", type=int, help="weight and activation bits (2-8)")
+    p.add_argument("--w-bits", type=int)
+    p.add_argument("--a-bits", type=int)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", default="plan.json")
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of FP32 vs the quantized model on the same images")
+    _add_model_args(p)
+    p.add_argument("--plan", required=True)
+    p.add_argument("--data", required=True, help="image folder; the plan's calibration images are left out")
+    p.add_argument("--n-eval", type=int, help="evaluate on this many images (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", help="write the results as JSON")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="hyfx: %(message)s")
+    try:
+        return args.func(args)
+    except HyfxError as exc:
+        print(f"hyfx: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Accuracy of FP32 and quantized models on the same images: top-1, top-5, agreement, KL, per-layer SQNR."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from hyfx.quant.calibrate import collect
+
+
+@dataclass
+class Predictions:
+    logits: torch.Tensor
+    labels: torch.Tensor
+
+
+def predict(model: torch.nn.Module, loader: Iterable, desc: str = "evaluating", progress: bool = True) -> Predictions:
+    logits, labels = [], []
+    total = len(loader) if hasattr(loader, "__len__") else None
+    with torch.no_grad():
+        for images, target in tqdm(loader, desc=desc, total=total, disable=not progress, leave=False):
+            logits.append(model(images).float())
+            labels.append(torch.as_tensor(target))
+    return Predictions(torch.cat(logits), torch.cat(labels))
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top == labels[:, None]).any(dim=1)
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion, in percent."""
+    if n == 0:
+        return (float("nan"), float("nan"))
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (100 * (centre - half), 100 * (centre + half))
+
+
+@dataclass
+class Accuracy:
+    n: int
+    top1: float
+    top5: float
+    top1_ci95: tuple[float, float]
+    agreement: float | None = None  # top-1 agreement with FP32, percent
+    kl: float | None = None  # mean KL(P_fp32 ‖ P_quant), nats
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def accuracy(pred: Predictions, reference: Predictions | None = None) -> Accuracy:
+    labelled = pred.labels >= 0
+    n = int(labelled.sum())
+    top1_hits = int(topk_correct(pred.logits[labelled], pred.labels[labelled], 1).sum()) if n else 0
+    top5_hits = int(topk_correct(pred.logits[labelled], pred.labels[labelled], 5).sum()) if n else 0
+    result = Accuracy(n, 100 * top1_hits / n if n else float("nan"), 100 * top5_hits / n if n else float("nan"),
+                      wilson_interval(top1_hits, n))
+    if reference is not None:
+        result.agreement = 100 * float((pred.logits.argmax(1) == reference.logits.argmax(1)).float().mean())
+        result.kl = kl_divergence(reference.logits, pred.logits)
+    return result
+
+
+def kl_divergence(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(P_ref ‖ P) over samples, in nats."""
+    log_p = F.log_softmax(reference_logits.double(), dim=1)
+    log_q = F.log_softmax(logits.double(), dim=1)
+    return float((log_p.exp() * (log_p - log_q)).sum(dim=1).mean())
+
+
+def compare(fp32: torch.nn.Module, quantized: dict[str, torch.nn.Module], loader: Iterable,
+            progress: bool = True) -> dict[str, Accuracy]:
+    """FP32 and each quantized model on the same images; quantized entries carry agreement and KL."""
+    loader = list(loader)  # decode the images once for every model
+    reference = predict(fp32, loader, desc="fp32", progress=progress)
+    results = {"fp32": accuracy(reference)}
+    for name, model in quantized.items():
+        results[name] = accuracy(predict(model, loader, desc=name, progress=progress), reference)
+    return results
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    noise = (reference.double() - test.double()).pow(2).sum()
+    signal = reference.double().pow(2).sum()
+    return float(10 * torch.log10(signal / noise.clamp_min(1e-30)))
+
+
+def per_layer_sqnr(float_gm: fx.GraphModule, quant_gm: fx.GraphModule, layers: list[str], loader: Iterable,
+                   max_batches: int = 2) -> dict[str, float]:
+    """SQNR (dB) of each named layer's output, quantized graph vs float graph, on the same images.
+
+    Errors accumulate: a layer's SQNR includes everything quantized upstream of it.
+    """
+    def node_names(gm: fx.GraphModule) -> dict[str, str]:
+        return {n.meta["hyfx"]["name"]: n.name for n in gm.graph.nodes
+                if "hyfx" in n.meta and n.meta["hyfx"]["kind"] != "quant"}
+
+    float_names, quant_names = node_names(float_gm), node_names(quant_gm)
+    layers = [layer for layer in layers if layer in float_names and layer in quant_names]
+    ref = collect(float_gm, [float_names[layer] for layer in layers], loader, max_batches, progress=False)
+    got = collect(quant_gm, [quant_names[layer] for layer in layers], loader, max_batches, progress=False)
+    return {layer: sqnr_db(ref[float_names[layer]], got[quant_names[layer]]) for layer in layers}

@@ -1,0 +1,91 @@
+"""HybridGraph: the analysed view of a captured model (tags, blocks, bridges) and its networkx form."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch.fx as fx
+
+from hyfx.errors import HyfxError
+from hyfx.ops import CONV, LINEAR, MATMUL, node_shape
+from hyfx.passes.bridges import Bridge, find_bridges
+from hyfx.passes.decompose_attention import decompose_attention
+from hyfx.passes.tag import tag
+
+QUANTIZABLE_KINDS = (CONV, LINEAR, MATMUL)
+
+
+@dataclass
+class Block:
+    name: str
+    kind: str  # "cnn" | "transformer" | "other"
+    counts: Counter = field(default_factory=Counter)  # node kind → count
+    layers: list[str] = field(default_factory=list)  # quantizable layers (conv / linear / matmul), in order
+    bridge: bool = False
+
+
+@dataclass
+class HybridGraph:
+    gm: fx.GraphModule  # decomposed and tagged
+    blocks: list[Block]
+    bridges: list[Bridge]
+
+    def nodes(self) -> list[fx.Node]:
+        return [n for n in self.gm.graph.nodes if "hyfx" in n.meta]
+
+    def tags(self, name: str) -> dict:
+        return self.node(name).meta["hyfx"]
+
+    def node(self, name: str) -> fx.Node:
+        index = self._index()
+        if name not in index:
+            raise HyfxError(f"no layer named {name!r} in this graph: run `hyfx inspect` to list layer names")
+        return index[name]
+
+    def _index(self) -> dict[str, fx.Node]:
+        if not hasattr(self, "_by_name"):
+            self._by_name = {n.meta["hyfx"]["name"]: n for n in self.nodes()}
+        return self._by_name
+
+    def layers(self, kinds: tuple[str, ...] = QUANTIZABLE_KINDS) -> list[str]:
+        return [n.meta["hyfx"]["name"] for n in self.nodes() if n.meta["hyfx"]["kind"] in kinds]
+
+    def bridge_layers(self) -> dict[str, Bridge]:
+        return {layer: b for b in self.bridges for layer in b.layers}
+
+    def cnn_blocks(self) -> list[str]:
+        return [b.name for b in self.blocks if b.kind == "cnn"]
+
+    def transformer_blocks(self) -> list[str]:
+        return [b.name for b in self.blocks if b.kind == "transformer"]
+
+    def to_networkx(self) -> nx.DiGraph:
+        """Data-flow graph over every node; attributes are the hyfx tags plus op, target and shape."""
+        graph = nx.DiGraph()
+        for node in self.gm.graph.nodes:
+            attrs = dict(node.meta.get("hyfx", {}))
+            attrs.update(op=node.op, target=str(node.target), shape=str(node_shape(node) or ""))
+            graph.add_node(node.name, **attrs)
+            for src in node.all_input_nodes:
+                graph.add_edge(src.name, node.name)
+        return graph
+
+
+def analyze(gm: fx.GraphModule) -> HybridGraph:
+    """Decompose fused attention, tag every node, group blocks and find bridges."""
+    tagged = tag(decompose_attention(gm))
+    blocks: dict[str, Block] = {}
+    for node in tagged.graph.nodes:
+        info = node.meta.get("hyfx")
+        if info is None:
+            continue
+        block = blocks.setdefault(info["block"], Block(info["block"], info["block_kind"]))
+        block.counts[info["kind"]] += 1
+        if info["kind"] in QUANTIZABLE_KINDS:
+            block.layers.append(info["name"])
+    bridges = find_bridges(tagged)
+    for bridge in bridges:
+        blocks[bridge.block].bridge = True
+    return HybridGraph(tagged, list(blocks.values()), bridges)

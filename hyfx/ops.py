@@ -1,0 +1,146 @@
+"""Which graph targets are which kind of operation, for both capture paths.
+
+torch.export graphs hold ATen overloads; the torch.fx fallback holds torch / functional callables,
+method names, and leaf modules. Every pass asks these tables rather than matching targets itself.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch.fx.passes.shape_prop import ShapeProp
+
+aten = torch.ops.aten
+
+CONV = "conv"
+LINEAR = "linear"
+MATMUL = "matmul"
+SOFTMAX = "softmax"
+NORM = "norm"
+ACT = "act"
+RESHAPE = "reshape"
+ATTENTION = "attention"  # a fused SDPA node, before decomposition
+QUANT = "quant"
+OTHER = "other"
+
+_TARGETS: dict[object, tuple[str, str | None]] = {}
+
+
+def _register(kind: str, sub: str | None, *targets: object) -> None:
+    for target in targets:
+        _TARGETS[target] = (kind, sub)
+
+
+_register(CONV, "conv2d", aten.conv2d.default, aten.convolution.default, F.conv2d, torch.conv2d)
+_register(CONV, "conv1d", aten.conv1d.default, F.conv1d, torch.conv1d)
+_register(LINEAR, "linear", aten.linear.default, F.linear, torch._C._nn.linear)
+_register(MATMUL, "matmul", aten.matmul.default, aten.bmm.default, aten.mm.default, torch.matmul, torch.bmm,
+          operator.matmul, "matmul", "bmm")
+_register(SOFTMAX, "softmax", aten.softmax.int, aten._softmax.default, F.softmax, torch.softmax, "softmax")
+_register(NORM, "layer_norm", aten.layer_norm.default, F.layer_norm)
+_register(NORM, "group_norm", aten.group_norm.default, F.group_norm)
+_register(NORM, "batch_norm", aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default,
+          F.batch_norm)
+_register(ATTENTION, "sdpa", aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention)
+for _name in ("relu", "relu_", "gelu", "gelu_", "silu", "silu_", "hardswish", "hardswish_", "sigmoid", "sigmoid_",
+              "hardsigmoid", "hardsigmoid_", "tanh", "tanh_", "leaky_relu", "leaky_relu_", "hardtanh", "hardtanh_",
+              "relu6", "elu", "mish", "mish_"):
+    for _ns in (aten,):
+        _packet = getattr(_ns, _name, None)
+        if _packet is not None:
+            _register(ACT, _name.rstrip("_"), *[getattr(_packet, o) for o in _packet.overloads()])
+    if hasattr(F, _name):
+        _register(ACT, _name.rstrip("_"), getattr(F, _name))
+    if hasattr(torch, _name):
+        _register(ACT, _name.rstrip("_"), getattr(torch, _name))
+    _register(ACT, _name.rstrip("_"), _name)
+for _name in ("view", "reshape", "permute", "transpose", "flatten", "unflatten", "unfold", "squeeze", "unsqueeze",
+              "expand", "contiguous", "unbind", "split", "chunk", "t", "_unsafe_view", "clone", "fold", "im2col",
+              "col2im", "pixel_shuffle", "pixel_unshuffle"):
+    _packet = getattr(aten, _name, None)
+    if _packet is not None:
+        _register(RESHAPE, _name, *[getattr(_packet, o) for o in _packet.overloads()])
+    for _fn in (getattr(torch, _name, None), getattr(F, _name, None)):
+        if _fn is not None:
+            _register(RESHAPE, _name, _fn)
+    _register(RESHAPE, _name, _name)
+_register(RESHAPE, "getitem", operator.getitem)
+
+_MODULE_KINDS: list[tuple[type, str, str]] = [
+    (torch.nn.Conv2d, CONV, "conv2d"),
+    (torch.nn.Conv1d, CONV, "conv1d"),
+    (torch.nn.Linear, LINEAR, "linear"),
+    (torch.nn.LayerNorm, NORM, "layer_norm"),
+    (torch.nn.GroupNorm, NORM, "group_norm"),
+    (torch.nn.modules.batchnorm._BatchNorm, NORM, "batch_norm"),
+    (torch.nn.Softmax, SOFTMAX, "softmax"),
+]
+
+
+def op_kind(node: fx.Node, gm: fx.GraphModule | None = None) -> tuple[str, str | None]:
+    """(kind, sub-kind) of a node; `gm` lets leaf modules (call_module) be classified by type."""
+    if node.op in ("call_function", "call_method"):
+        if getattr(node.target, "namespace", None) == "quantized_decomposed" or str(node.target).startswith("hyfx."):
+            return QUANT, str(node.target)
+        try:
+            return _TARGETS.get(node.target, (OTHER, None))
+        except TypeError:  # unhashable target
+            return OTHER, None
+    if node.op == "call_module" and gm is not None:
+        module = gm.get_submodule(node.target)
+        for cls, kind, sub in _MODULE_KINDS:
+            if isinstance(module, cls):
+                return kind, sub
+        return OTHER, type(module).__name__
+    return OTHER, None
+
+
+def weight_arg(node: fx.Node) -> fx.Node | None:
+    """The get_attr node feeding a conv/linear's weight (args[1]), if the weight is a graph constant."""
+    if node.op != "call_function" or len(node.args) < 2:
+        return None
+    weight = node.args[1]
+    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        return weight
+    return None
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """[(path, class name), ...] outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    out = []
+    for path, cls in stack.values():
+        if path.startswith("_empty_nn_module_stack"):  # export's placeholder for nodes of no module
+            continue
+        name = cls if isinstance(cls, str) else f"{cls.__module__}.{cls.__qualname__}"
+        out.append((path, name))
+    if node.op == "call_module" and not node.target.startswith("_"):
+        out.append((node.target, type(node.graph.owning_module.get_submodule(node.target)).__name__))
+    return out
+
+
+def example_shape(gm: fx.GraphModule) -> tuple[int, ...] | None:
+    return gm.meta.get("hyfx_example_shape")
+
+
+def annotate_shapes(gm: fx.GraphModule) -> fx.GraphModule:
+    """Record each node's output shape in node.meta['tensor_meta'] by running zeros of the example shape."""
+    shape = example_shape(gm)
+    if shape is None:
+        raise ValueError("graph has no recorded example input shape; capture it with hyfx.capture")
+    with torch.no_grad():
+        ShapeProp(gm).propagate(torch.zeros(shape))
+    return gm
+
+
+def node_shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(meta.shape)
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape)
+    return None

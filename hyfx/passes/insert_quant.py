@@ -1,0 +1,126 @@
+"""Rewrite a tagged graph with quantization nodes from a QuantPlan.
+
+Weights get a quantize → dequantize pair between their get_attr and the layer (per tensor or per
+output channel); activation inputs get a per-tensor pair on the edge into the layer (other consumers
+of the same tensor keep the float value); outputs (post-softmax) get their quantizer after the node.
+The pairs are real `quantized_decomposed` graph nodes so later lowering passes see them.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.fx as fx
+
+from hyfx.errors import HyfxError
+from hyfx.ops import QUANT, weight_arg
+from hyfx.quant.quantizers import calibrate_weight, qd
+from hyfx.quant.spec import QuantPlan, QuantSpec
+
+PLAN_META = "hyfx_plan"
+
+
+def _dtype(spec: QuantSpec) -> torch.dtype:
+    return torch.int8 if spec.signed else torch.uint8
+
+
+def _tag(node: fx.Node, layer: str, role: str, spec: QuantSpec, like: fx.Node) -> None:
+    node.meta["nn_module_stack"] = copy.copy(like.meta.get("nn_module_stack", {}))
+    info = dict(like.meta.get("hyfx", {}))
+    info.update(kind=QUANT, sub=spec.kind, name=f"{layer}.{role}_q", quantizes=layer, role=role,
+                spec=spec.short(), token_op=False)
+    node.meta["hyfx"] = info
+
+
+def _insert_qdq(gm: fx.GraphModule, src: fx.Node, spec: QuantSpec, layer: str, role: str) -> fx.Node:
+    graph = gm.graph
+    if spec.kind == "log2":
+        with graph.inserting_after(src):
+            out = graph.call_function(torch.ops.hyfx.log2_fake_quant.default,
+                                      (src, spec.scale[0], spec.zero_point[0], spec.bits, spec.eps))
+        _tag(out, layer, role, spec, src)
+        return out
+    dtype = _dtype(spec)
+    if spec.granularity == "channel":
+        prefix = f"_hyfx_{layer}_{role}".replace(".", "_").replace("#", "_")
+        gm.register_buffer(f"{prefix}_scale", torch.tensor(spec.scale, dtype=torch.float32))
+        gm.register_buffer(f"{prefix}_zero_point", torch.tensor(spec.zero_point, dtype=torch.int64))
+        with graph.inserting_after(src):
+            scale = graph.get_attr(f"{prefix}_scale")
+        with graph.inserting_after(scale):
+            zero_point = graph.get_attr(f"{prefix}_zero_point")
+        with graph.inserting_after(zero_point):
+            q = graph.call_function(qd.quantize_per_channel.default,
+                                    (src, scale, zero_point, spec.axis, spec.qmin, spec.qmax, dtype))
+        with graph.inserting_after(q):
+            dq = graph.call_function(qd.dequantize_per_channel.default,
+                                     (q, scale, zero_point, spec.axis, spec.qmin, spec.qmax, dtype))
+    else:
+        args = (spec.scale[0], spec.zero_point[0], spec.qmin, spec.qmax, dtype)
+        with graph.inserting_after(src):
+            q = graph.call_function(qd.quantize_per_tensor.default, (src, *args))
+        with graph.inserting_after(q):
+            dq = graph.call_function(qd.dequantize_per_tensor.default, (q, *args))
+    _tag(q, layer, role, spec, src)
+    _tag(dq, layer, role, spec, src)
+    return dq
+
+
+def _require_calibrated(spec: QuantSpec, layer: str, role: str) -> None:
+    if not spec.calibrated:
+        raise HyfxError(f"plan entry {layer} {role} has no scale: calibrate the plan (a recipe with calibration data)")
+
+
+def insert_quant(gm: fx.GraphModule, plan: QuantPlan) -> fx.GraphModule:
+    """Return a copy of a tagged graph (`hyfx.analyze(...).gm`) with the plan's quantizers inserted."""
+    gm = copy.deepcopy(gm)
+    index = {n.meta["hyfx"]["name"]: n for n in gm.graph.nodes if "hyfx" in n.meta}
+    missing = sorted(set(plan.layers) - set(index))
+    if missing:
+        raise HyfxError(
+            f"plan names {len(missing)} layers this model does not have (e.g. {missing[0]!r}): "
+            "the plan was made for another model"
+        )
+    for layer, policy in sorted(plan.layers.items()):
+        node = index[layer]
+        if policy.weight is not None:
+            weight_node = weight_arg(node)
+            if weight_node is None:
+                raise HyfxError(f"plan quantizes the weight of {layer}, which has no constant weight")
+            spec = calibrate_weight(getattr_path(gm, weight_node.target), policy.weight)
+            node.replace_input_with(weight_node, _insert_qdq(gm, weight_node, spec, layer, "weight"))
+        for idx, spec in sorted(policy.inputs.items()):
+            _require_calibrated(spec, layer, f"input{idx}")
+            src = node.args[idx] if idx < len(node.args) else None
+            if not isinstance(src, fx.Node):
+                raise HyfxError(f"plan quantizes input {idx} of {layer}, which is not a tensor input")
+            node.replace_input_with(src, _insert_qdq(gm, src, spec, layer, f"input{idx}"))
+        if policy.output is not None:
+            _require_calibrated(policy.output, layer, "output")
+            users = list(node.users)
+            out = _insert_qdq(gm, node, policy.output, layer, "output")
+            for user in users:
+                user.replace_input_with(node, out)
+    gm.graph.lint()
+    gm.recompile()
+    gm.meta[PLAN_META] = plan
+    return gm
+
+
+def resolved_weight_specs(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, QuantSpec]:
+    """The weight specs with min-max parameters filled in, as insert_quant applies them."""
+    index = {n.meta["hyfx"]["name"]: n for n in gm.graph.nodes if "hyfx" in n.meta}
+    out = {}
+    for layer, policy in plan.layers.items():
+        if policy.weight is not None and layer in index:
+            weight_node = weight_arg(index[layer])
+            out[layer] = calibrate_weight(getattr_path(gm, weight_node.target), policy.weight)
+    return out
+
+
+def getattr_path(module: torch.nn.Module, target: str) -> torch.Tensor:
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj

@@ -1,0 +1,72 @@
+"""Range estimation for activations: min-max and percentile observers."""
+
+from __future__ import annotations
+
+import torch
+
+from hyfx.quant.quantizers import log2_params, uniform_params
+from hyfx.quant.spec import QuantSpec
+
+
+class MinMaxObserver:
+    """Running min and max, per tensor or per channel (`axis`)."""
+
+    def __init__(self, axis: int | None = None):
+        self.axis = axis
+        self.lo: torch.Tensor | None = None
+        self.hi: torch.Tensor | None = None
+
+    def _reduce(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.axis is None:
+            return x.min(), x.max()
+        flat = x.detach().transpose(0, self.axis).reshape(x.shape[self.axis], -1)
+        return flat.min(dim=1).values, flat.max(dim=1).values
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().float()
+        lo, hi = self._reduce(x)
+        self.lo = lo if self.lo is None else torch.minimum(self.lo, lo)
+        self.hi = hi if self.hi is None else torch.maximum(self.hi, hi)
+
+    def range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lo is None:
+            raise RuntimeError("observer saw no data: the calibration loader was empty")
+        return self.lo, self.hi
+
+
+class PercentileObserver(MinMaxObserver):
+    """Clips the range to the given percentiles of every batch, averaged over batches (per tensor)."""
+
+    def __init__(self, percentile: float = 99.99, max_samples: int = 1 << 20):
+        super().__init__(None)
+        self.percentile = percentile
+        self.max_samples = max_samples
+        self._los: list[torch.Tensor] = []
+        self._his: list[torch.Tensor] = []
+
+    def update(self, x: torch.Tensor) -> None:
+        flat = x.detach().float().reshape(-1)
+        if flat.numel() > self.max_samples:  # torch.quantile caps its input size
+            flat = flat[torch.randperm(flat.numel(), generator=torch.Generator().manual_seed(0))[: self.max_samples]]
+        q = torch.tensor([100 - self.percentile, self.percentile]) / 100
+        lo, hi = torch.quantile(flat, q)
+        self._los.append(lo)
+        self._his.append(hi)
+        self.lo, self.hi = torch.stack(self._los).mean(), torch.stack(self._his).mean()
+
+
+def make_observer(spec: QuantSpec, method: str = "minmax") -> MinMaxObserver:
+    if method == "percentile":
+        return PercentileObserver()
+    if method != "minmax":
+        raise ValueError(f"unknown observer {method!r}")
+    return MinMaxObserver(spec.axis if spec.granularity == "channel" else None)
+
+
+def spec_from_range(spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor) -> QuantSpec:
+    """Fill a spec's scale and zero point from an observed range."""
+    if spec.kind == "log2":
+        delta, zero_point = log2_params(float(lo.min()), float(hi.max()), spec.bits, spec.eps)
+        return spec.with_params([delta], [zero_point])
+    scale, zero_point = uniform_params(lo, hi, spec)
+    return spec.with_params(scale.reshape(-1).tolist(), zero_point.reshape(-1).tolist())

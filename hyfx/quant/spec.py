@@ -1,0 +1,204 @@
+"""QuantSpec, LayerPolicy and QuantPlan: the contract between recipes (decide) and passes (rewrite).
+
+A plan is data: JSON with sorted keys, one layer per entry, so two plans diff line by line and a
+saved plan reloads to the same quantized model without the calibration images.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal
+
+from hyfx.errors import HyfxError
+
+MIN_BITS, MAX_BITS = 2, 8
+PLAN_FORMAT = 1
+
+Granularity = Literal["tensor", "channel"]
+Scheme = Literal["symmetric", "asymmetric"]
+Kind = Literal["uniform", "log2"]
+
+
+def check_bits(bits: int) -> int:
+    if not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+        raise HyfxError(f"unsupported bit-width {bits!r}: hyfx quantizes with {MIN_BITS} to {MAX_BITS} bits")
+    return bits
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor is quantized, and (once calibrated) with which parameters.
+
+    uniform symmetric: signed narrow range [-(2^(b-1)-1), 2^(b-1)-1], zero point 0 (TensorRT's int8 rule).
+    uniform asymmetric: unsigned [0, 2^b-1] with a zero point.
+    log2 (post-softmax, EfficientQuant): codes of log2(x+eps) on a uniform grid; scale is Δ_log and
+    zero_point is Z_a of the paper.
+    """
+
+    bits: int = 8
+    granularity: Granularity = "tensor"
+    scheme: Scheme = "symmetric"
+    kind: Kind = "uniform"
+    axis: int = 0
+    eps: float = 1e-5
+    scale: tuple[float, ...] | None = None
+    zero_point: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        if self.granularity not in ("tensor", "channel"):
+            raise HyfxError(f"unknown granularity {self.granularity!r}: use 'tensor' or 'channel'")
+        if self.scheme not in ("symmetric", "asymmetric"):
+            raise HyfxError(f"unknown scheme {self.scheme!r}: use 'symmetric' or 'asymmetric'")
+        if self.kind not in ("uniform", "log2"):
+            raise HyfxError(f"unknown quantizer kind {self.kind!r}: use 'uniform' or 'log2'")
+        if self.kind == "log2" and self.granularity != "tensor":
+            raise HyfxError("log2 quantization is per-tensor: set granularity='tensor'")
+
+    @property
+    def qmin(self) -> int:
+        if self.kind == "log2" or self.scheme == "asymmetric":
+            return 0
+        return -(2 ** (self.bits - 1) - 1)
+
+    @property
+    def qmax(self) -> int:
+        if self.kind == "log2" or self.scheme == "asymmetric":
+            return 2**self.bits - 1
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def signed(self) -> bool:
+        return self.qmin < 0
+
+    @property
+    def calibrated(self) -> bool:
+        return self.scale is not None and self.zero_point is not None
+
+    def with_params(self, scale, zero_point) -> QuantSpec:
+        return replace(self, scale=tuple(float(s) for s in scale), zero_point=tuple(int(z) for z in zero_point))
+
+    def uncalibrated(self) -> QuantSpec:
+        return replace(self, scale=None, zero_point=None)
+
+    def short(self) -> str:
+        if self.kind == "log2":
+            return f"log2{self.bits}"
+        return f"{'s' if self.scheme == 'symmetric' else 'a'}{self.bits}/{self.granularity[:2]}"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        for key in ("scale", "zero_point"):
+            data[key] = list(data[key]) if data[key] is not None else None
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantSpec:
+        data = dict(data)
+        for key in ("scale", "zero_point"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
+        return cls(**data)
+
+
+@dataclass
+class LayerPolicy:
+    """Quantization of one layer: its weight, its activation inputs (by argument index), its output."""
+
+    weight: QuantSpec | None = None
+    inputs: dict[int, QuantSpec] = field(default_factory=dict)
+    output: QuantSpec | None = None
+
+    def is_empty(self) -> bool:
+        return self.weight is None and not self.inputs and self.output is None
+
+    def to_dict(self) -> dict:
+        return {
+            "weight": self.weight.to_dict() if self.weight else None,
+            "inputs": {str(k): v.to_dict() for k, v in sorted(self.inputs.items())},
+            "output": self.output.to_dict() if self.output else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerPolicy:
+        return cls(
+            weight=QuantSpec.from_dict(data["weight"]) if data.get("weight") else None,
+            inputs={int(k): QuantSpec.from_dict(v) for k, v in (data.get("inputs") or {}).items()},
+            output=QuantSpec.from_dict(data["output"]) if data.get("output") else None,
+        )
+
+
+@dataclass
+class QuantPlan:
+    """Per-layer policies keyed by hyfx layer names (the user's module paths), plus provenance."""
+
+    recipe: str
+    layers: dict[str, LayerPolicy] = field(default_factory=dict)
+    model: str = ""
+    target: str = "fake"  # "fake" (PyTorch), "ort", "tensorrt"
+    meta: dict = field(default_factory=dict)
+
+    def set(self, layer: str, policy: LayerPolicy) -> None:
+        if not policy.is_empty():
+            self.layers[layer] = policy
+
+    def specs(self):
+        """Yield (layer, role, spec) for every spec in the plan; role is 'weight', 'input{i}' or 'output'."""
+        for name, policy in sorted(self.layers.items()):
+            if policy.weight:
+                yield name, "weight", policy.weight
+            for idx, spec in sorted(policy.inputs.items()):
+                yield name, f"input{idx}", spec
+            if policy.output:
+                yield name, "output", policy.output
+
+    def summary(self) -> dict:
+        counts: dict[str, int] = {}
+        for _, role, spec in self.specs():
+            key = f"{role.rstrip('0123456789')}:{spec.short()}"
+            counts[key] = counts.get(key, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def to_dict(self) -> dict:
+        return {
+            "format": PLAN_FORMAT,
+            "recipe": self.recipe,
+            "model": self.model,
+            "target": self.target,
+            "meta": self.meta,
+            "layers": {k: v.to_dict() for k, v in sorted(self.layers.items())},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> QuantPlan:
+        if data.get("format") != PLAN_FORMAT:
+            raise HyfxError(f"plan format {data.get('format')!r} is not {PLAN_FORMAT}: re-run `hyfx quantize` to remake it")
+        return cls(
+            recipe=data["recipe"],
+            layers={k: LayerPolicy.from_dict(v) for k, v in data["layers"].items()},
+            model=data.get("model", ""),
+            target=data.get("target", "fake"),
+            meta=data.get("meta", {}),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True) + "\n"
+
+
+def save_plan(plan: QuantPlan, path: str | Path) -> Path:
+    path = Path(path)
+    path.write_text(plan.to_json())
+    return path
+
+
+def load_plan(path: str | Path) -> QuantPlan:
+    path = Path(path)
+    if not path.is_file():
+        raise HyfxError(f"plan file {path} does not exist: make one with `hyfx quantize ... --out {path}`")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HyfxError(f"plan file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return QuantPlan.from_dict(data)
