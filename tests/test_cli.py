@@ -96,3 +96,14 @@ def test_zoo_entries_have_real_weights_and_are_listed_in_help(name):
     assert zoo.is_real_weights(name)
     subparsers = cli.build_parser()._subparsers._group_actions[0].choices
     assert name in subparsers["quantize"].format_help()
+
+
+def test_checkpoint_that_fits_is_loaded(capsys, tmp_path):
+    torch.manual_seed(1)
+    model = zoo.create("mobilevit_xxs")
+    good = tmp_path / "good.pth"
+    torch.save({"state_dict": model.state_dict()}, good)
+    loaded = zoo.create("mobilevit_xxs", checkpoint=str(good))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
+    code, out, _ = _run(capsys, "inspect", "mobilevit_xxs", "--checkpoint", str(good))
+    assert code == 0 and "3 bridge blocks" in out
