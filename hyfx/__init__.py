@@ -20,5 +20,22 @@ def quantize(gm: fx.GraphModule | HybridGraph, plan: QuantPlan) -> fx.GraphModul
     return insert_quant(hg.gm, plan)
 
 
-__all__ = ["HybridGraph", "HyfxError", "LayerPolicy", "QuantPlan", "QuantSpec", "analyze", "capture", "load_plan",
-           "quantize", "recipes", "save_plan"]
+def export(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, path=None, target: str = "ort", **options):
+    """Lower `gm` quantized by `plan` to ONNX QuantizeLinear/DequantizeLinear for "ort" or "tensorrt".
+
+    See hyfx.backends.onnx_qdq.export; returns an ExportResult (model, PyTorch reference graph, report).
+    """
+    from hyfx.backends.onnx_qdq import export as _export
+
+    return _export(gm, plan, path, target=target, **options)
+
+
+def backend(recipe: str = "minmax", calib=None, plan: QuantPlan | None = None, **options):
+    """A torch.compile backend that quantizes the captured graph: torch.compile(model, backend=hyfx.backend(...))."""
+    from hyfx.backends.compile import backend as _backend
+
+    return _backend(recipe, calib, plan, **options)
+
+
+__all__ = ["HybridGraph", "HyfxError", "LayerPolicy", "QuantPlan", "QuantSpec", "analyze", "backend", "capture", "export",
+           "load_plan", "quantize", "recipes", "save_plan"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import sys
@@ -20,6 +21,7 @@ from hyfx.errors import HyfxError
 from hyfx.evaluate import compare
 from hyfx.graph import HybridGraph
 from hyfx.quant.spec import check_bits
+from hyfx.quant.targets import TARGETS, check_bits_for_target, check_plan_target
 from hyfx.recipes import RECIPES, get_recipe
 from hyfx.report import block_table, write_graph
 
@@ -83,15 +85,26 @@ def _recipe_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _target_options(args: argparse.Namespace, recipe, options: dict) -> dict:
+    """Pass --target to recipes that search a backend-aware space; every plan is checked against it afterwards."""
+    check_bits_for_target(args.target, options.get("w_bits", 8), options.get("a_bits", 8))
+    if "target" in inspect.signature(recipe).parameters:
+        return {**options, "target": args.target}
+    return options
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     options = _recipe_options(args)  # bad bit-widths fail before the model is built
+    recipe = get_recipe(args.recipe)
+    options = _target_options(args, recipe, options)
     model = _model(args)
     gm, config = _captured(model)
     calib, _ = split(_pool(args, args.calib), args.n_calib, seed=args.seed)
     verify_images(calib)
     loader = make_loader(calib, config, batch_size=args.batch_size)
     start = time.perf_counter()
-    plan = get_recipe(args.recipe)(gm, loader, **options)
+    plan = recipe(gm, loader, **options)
+    check_plan_target(plan, args.target)
     plan.model = args.model
     plan.meta["plan_seconds"] = round(time.perf_counter() - start, 2)
     plan.meta["calibration"] = {**plan.meta.get("calibration", {}), "images": calib.names(), "seed": args.seed}
@@ -129,6 +142,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from hyfx.recipes.hysquant_cli import check_search_args, search_command
+
+    check_search_args(args)  # bad budgets fail before the model is built
+    gm, config = _captured(_model(args))
+    real = zoo.is_real_weights(args.model) or args.checkpoint is not None
+    return search_command(args, gm, config, _pool(args, args.calib), real)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hyfx.backends import export_command
+
+    gm, config = _captured(_model(args))
+    return export_command(args, gm, config, lambda folder: _pool(args, folder))
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=f"a timm model name or a zoo entry ({', '.join(zoo.list_models())})")
     parser.add_argument("--checkpoint", help="local state dict to load into the architecture (strict)")
@@ -156,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-bits", type=int)
     p.add_argument("--a-bits", type=int)
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--target", default="fake", choices=TARGETS,
+                   help="backend the plan must run on (ort: per-tensor activations; tensorrt: symmetric int8 only)")
     p.add_argument("--out", default="plan.json")
     p.set_defaults(func=cmd_quantize)
 
@@ -168,6 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", help="write the results as JSON")
     p.set_defaults(func=cmd_eval)
+
+    from hyfx.recipes.hysquant_cli import add_search_arguments
+
+    p = sub.add_parser("search", help="HySquant: per-layer bit-widths under latency / energy / bytes / top-1 budgets")
+    _add_model_args(p)
+    add_search_arguments(p)
+    p.set_defaults(func=cmd_search)
+
+    from hyfx.backends import add_export_arguments
+
+    p = sub.add_parser("export", help="lower a plan to ONNX QDQ for ONNX Runtime or TensorRT")
+    _add_model_args(p)
+    add_export_arguments(p)
+    p.set_defaults(func=cmd_export)
     return parser
 
 

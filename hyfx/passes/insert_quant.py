@@ -41,6 +41,12 @@ def _insert_qdq(gm: fx.GraphModule, src: fx.Node, spec: QuantSpec, layer: str, r
                                       (src, spec.scale[0], spec.zero_point[0], spec.bits, spec.eps))
         _tag(out, layer, role, spec, src)
         return out
+    if spec.kind == "twin":
+        with graph.inserting_after(src):
+            out = graph.call_function(torch.ops.hyfx.twin_fake_quant.default,
+                                      (src, spec.scale[0], spec.scale[1], spec.bits, spec.signed))
+        _tag(out, layer, role, spec, src)
+        return out
     dtype = _dtype(spec)
     if spec.granularity == "channel":
         prefix = f"_hyfx_{layer}_{role}".replace(".", "_").replace("#", "_")

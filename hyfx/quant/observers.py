@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hyfx.quant.quantizers import log2_params, uniform_params
+from hyfx.quant.quantizers import log2_params, twin_params, uniform_params
 from hyfx.quant.spec import QuantSpec
 
 
@@ -68,5 +68,7 @@ def spec_from_range(spec: QuantSpec, lo: torch.Tensor, hi: torch.Tensor) -> Quan
     if spec.kind == "log2":
         delta, zero_point = log2_params(float(lo.min()), float(hi.max()), spec.bits, spec.eps)
         return spec.with_params([delta], [zero_point])
+    if spec.kind == "twin":
+        return spec.with_params(twin_params(float(lo.min()), float(hi.max()), spec.bits, spec.signed), [0, 0])
     scale, zero_point = uniform_params(lo, hi, spec)
     return spec.with_params(scale.reshape(-1).tolist(), zero_point.reshape(-1).tolist())

@@ -2,7 +2,8 @@
 
 The graph ops are what the rewrite pass inserts: torch's `quantized_decomposed` quantize/dequantize
 pairs for uniform QDQ (the form PT2E uses and ONNX exporters lower to QuantizeLinear/DequantizeLinear),
-and `hyfx::log2_fake_quant` for EfficientQuant's post-softmax quantizer.
+`hyfx::log2_fake_quant` for EfficientQuant's post-softmax quantizer and `hyfx::twin_fake_quant` for
+PTQ4ViT's twin uniform quantizer.
 """
 
 from __future__ import annotations
@@ -92,10 +93,48 @@ def _(x, delta, zero_point, bits, eps):
     return torch.empty_like(x)
 
 
+def twin_uniform(x: torch.Tensor, delta1, delta2, bits: int, signed: bool) -> torch.Tensor:
+    """PTQ4ViT's twin uniform quantize + dequantize; `delta1`/`delta2` may be tensors broadcasting against x.
+
+    Each range spends b-1 bits on magnitude (the last bit says which range a value is in). Unsigned (post-softmax):
+    values below the top of R1 = [0, m·Δ1] use the fine step Δ1, the rest the coarse Δ2 (m = 2^(b-1)-1).
+    Signed (post-GELU): negative values use Δ1 on [-2^(b-1)·Δ1, 0], the others Δ2 on [0, m·Δ2].
+    """
+    m = 2 ** (bits - 1) - 1
+    high = torch.clamp(torch.round(x / delta2), 0, m) * delta2
+    if signed:
+        low = torch.clamp(torch.round(x / delta1), -(m + 1), 0) * delta1
+        return torch.where(x < 0, low, high)
+    low = torch.clamp(torch.round(x / delta1), 0, m) * delta1
+    # past (m + 1/2)·Δ1 the coarse range rounds closer than R1's clamp
+    return torch.where(x < (m + 0.5) * delta1, low, high)
+
+
+def twin_params(lo: float, hi: float, bits: int, signed: bool) -> tuple[float, float]:
+    """Default (Δ1, Δ2) covering [lo, hi]: signed, R1 spans the negative tail; unsigned, R1 = R2 / 2^(b-1)."""
+    m = 2 ** (bits - 1) - 1
+    delta2 = max(float(hi), 0.0) / m
+    delta1 = -min(float(lo), 0.0) / (m + 1) if signed else delta2 / 2 ** (bits - 1)
+    return max(delta1, MIN_SCALE), max(delta2, MIN_SCALE)
+
+
+@torch.library.custom_op("hyfx::twin_fake_quant", mutates_args=())
+def twin_fake_quant(x: torch.Tensor, delta1: float, delta2: float, bits: int, signed: bool) -> torch.Tensor:
+    """Twin uniform quantize + dequantize (post-softmax unsigned, post-GELU signed), as one graph op."""
+    return twin_uniform(x, delta1, delta2, bits, signed)
+
+
+@twin_fake_quant.register_fake
+def _(x, delta1, delta2, bits, signed):
+    return torch.empty_like(x)
+
+
 def fake_quant(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Apply a calibrated spec to a tensor eagerly (used by observers, searches and tests)."""
     if spec.kind == "log2":
         return log2_fake_quant(x, spec.scale[0], spec.zero_point[0], spec.bits, spec.eps)
+    if spec.kind == "twin":
+        return twin_fake_quant(x, spec.scale[0], spec.scale[1], spec.bits, spec.signed)
     scale = torch.tensor(spec.scale, dtype=torch.float32)
     zero_point = torch.tensor(spec.zero_point, dtype=torch.float32)
     axis = spec.axis if spec.granularity == "channel" else None

@@ -18,7 +18,7 @@ PLAN_FORMAT = 1
 
 Granularity = Literal["tensor", "channel"]
 Scheme = Literal["symmetric", "asymmetric"]
-Kind = Literal["uniform", "log2"]
+Kind = Literal["uniform", "log2", "twin"]
 
 
 def check_bits(bits: int) -> int:
@@ -35,6 +35,10 @@ class QuantSpec:
     uniform asymmetric: unsigned [0, 2^b-1] with a zero point.
     log2 (post-softmax, EfficientQuant): codes of log2(x+eps) on a uniform grid; scale is Δ_log and
     zero_point is Z_a of the paper.
+    twin (PTQ4ViT's twin uniform, post-softmax / post-GELU): two uniform ranges of b-1 bits each; scale is
+    (Δ_R1, Δ_R2) and zero_point (0, 0). asymmetric = unsigned (post-softmax: R1 = [0, m·Δ_R1] for the small
+    values, R2 = [0, m·Δ_R2], m = 2^(b-1)-1); symmetric = signed (post-GELU: R1 = [-2^(b-1)·Δ_R1, 0] for the
+    negative tail, R2 = [0, m·Δ_R2]).
     """
 
     bits: int = 8
@@ -52,19 +56,23 @@ class QuantSpec:
             raise HyfxError(f"unknown granularity {self.granularity!r}: use 'tensor' or 'channel'")
         if self.scheme not in ("symmetric", "asymmetric"):
             raise HyfxError(f"unknown scheme {self.scheme!r}: use 'symmetric' or 'asymmetric'")
-        if self.kind not in ("uniform", "log2"):
-            raise HyfxError(f"unknown quantizer kind {self.kind!r}: use 'uniform' or 'log2'")
-        if self.kind == "log2" and self.granularity != "tensor":
-            raise HyfxError("log2 quantization is per-tensor: set granularity='tensor'")
+        if self.kind not in ("uniform", "log2", "twin"):
+            raise HyfxError(f"unknown quantizer kind {self.kind!r}: use 'uniform', 'log2' or 'twin'")
+        if self.kind in ("log2", "twin") and self.granularity != "tensor":
+            raise HyfxError(f"{self.kind} quantization is per-tensor: set granularity='tensor'")
 
     @property
     def qmin(self) -> int:
+        if self.kind == "twin":  # per range: b-1 bits of magnitude
+            return 0 if self.scheme == "asymmetric" else -(2 ** (self.bits - 1))
         if self.kind == "log2" or self.scheme == "asymmetric":
             return 0
         return -(2 ** (self.bits - 1) - 1)
 
     @property
     def qmax(self) -> int:
+        if self.kind == "twin":
+            return 2 ** (self.bits - 1) - 1
         if self.kind == "log2" or self.scheme == "asymmetric":
             return 2**self.bits - 1
         return 2 ** (self.bits - 1) - 1
@@ -84,8 +92,8 @@ class QuantSpec:
         return replace(self, scale=None, zero_point=None)
 
     def short(self) -> str:
-        if self.kind == "log2":
-            return f"log2{self.bits}"
+        if self.kind in ("log2", "twin"):
+            return f"{self.kind}{self.bits}"
         return f"{'s' if self.scheme == 'symmetric' else 'a'}{self.bits}/{self.granularity[:2]}"
 
     def to_dict(self) -> dict:

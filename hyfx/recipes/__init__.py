@@ -5,13 +5,21 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from hyfx.errors import HyfxError
+from hyfx.recipes.easyquant import easyquant
 from hyfx.recipes.efficientquant import efficientquant
+from hyfx.recipes.hysquant import hysquant
 from hyfx.recipes.minmax import minmax, percentile
+from hyfx.recipes.ptq4vit import ptq4vit
+from hyfx.recipes.qhyvit import qhyvit
 
 RECIPES: dict[str, Callable] = {
+    "easyquant": easyquant,
     "efficientquant": efficientquant,
+    "hysquant": hysquant,
     "minmax": minmax,
     "percentile": percentile,
+    "ptq4vit": ptq4vit,
+    "qhyvit": qhyvit,
 }
 
 
@@ -21,4 +29,5 @@ def get_recipe(name: str) -> Callable:
     return RECIPES[name]
 
 
-__all__ = ["RECIPES", "efficientquant", "get_recipe", "minmax", "percentile"]
+__all__ = ["RECIPES", "easyquant", "efficientquant", "get_recipe", "hysquant", "minmax", "percentile", "ptq4vit",
+           "qhyvit"]

@@ -1,0 +1,179 @@
+"""Accuracy of the PTQ recipes on the real-weight zoo models, and Q-HyViT's ablation (its Table 3).
+
+For each real-weight model (lite0-real; lite0-vit-real when its checkpoint exists): 32 calibration images and,
+disjoint from them, every other image of the sample folder (minus the model's training images) for evaluation.
+FP32, minmax, easyquant, ptq4vit, efficientquant and qhyvit at W8A8 and W6A6 on the same images: top-1, top-5,
+95% interval, top-1 agreement with FP32, KL(FP32‖quant), plan time. Then Q-HyViT with the scale search only,
++ granularity, + scheme (= qhyvit). Plan times are quoted next to the time of one FP32 forward + backward pass
+over the calibration images in the same run (the floor of a Hessian-guided search; the machine is shared, so
+absolute seconds vary by several times between runs). Finally the mobilevit_xxs W8A8 Q-HyViT plan time
+(random weights: timing only).
+
+    python benchmarks/accuracy.py                        # writes benchmarks/results/accuracy.{json,md}
+    python benchmarks/accuracy.py --models lite0-real --bits 8 --recipes minmax qhyvit --no-ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import hyfx
+from hyfx import zoo
+from hyfx.data import data_config, example_input, find_sample_dir, load_image_folder, make_loader, split
+from hyfx.evaluate import compare
+from hyfx.recipes import RECIPES
+from hyfx.recipes.sampling import calibration_images
+
+RESULTS = Path(__file__).resolve().parent / "results"
+RECIPE_ORDER = ["minmax", "easyquant", "ptq4vit", "efficientquant", "qhyvit"]
+ABLATION = {  # Q-HyViT Table 3: what the search may choose besides the scale
+    "qhyvit: scale only": {"search_granularity": False, "search_scheme": False},
+    "qhyvit: + granularity": {"search_scheme": False},
+}
+
+
+def real_models() -> list[str]:
+    models = ["lite0-real"]
+    if zoo.HYBRID_CHECKPOINT.is_file():
+        models.append("lite0-vit-real")
+    return models
+
+
+def fp32_pass_seconds(gm: torch.fx.GraphModule, images: list[torch.Tensor]) -> float:
+    """One forward + backward pass of the FP32 graph over the calibration images (the search's own floor)."""
+    start = time.perf_counter()
+    for x in images:
+        x = x.clone().requires_grad_(True)
+        logits = gm(x)
+        F.cross_entropy(logits, logits.detach().argmax(1), reduction="sum").backward()
+    return time.perf_counter() - start
+
+
+def run_model(name: str, bits_list: list[int], recipes: list[str], ablation: bool, n_calib: int, n_eval: int | None,
+              seed: int, out: dict, save) -> None:
+    model = zoo.create(name)
+    config = data_config(model)
+    pool = load_image_folder(find_sample_dir()).without(zoo.training_images(name))
+    calib, evaluation = split(pool, n_calib, n_eval, seed=seed)
+    gm = hyfx.capture(model, example_input(config))
+    hg = hyfx.analyze(gm)
+    loader = make_loader(calib, config, 16)
+    floor = fp32_pass_seconds(gm, calibration_images(loader))
+    entry = out["models"].setdefault(name, {"n_calib": len(calib), "n_eval": len(evaluation),
+                                            "fp32_pass_seconds": round(floor, 2), "bits": {}})
+    for bits in bits_list:
+        plans, seconds = {}, {}
+        variants = [(r, r, {}) for r in recipes]
+        if ablation:
+            variants += [(label, "qhyvit", opts) for label, opts in ABLATION.items()]
+        for label, recipe, opts in variants:
+            print(f"[{name} W{bits}A{bits}] {label} ...", flush=True)
+            start = time.perf_counter()
+            plans[label] = RECIPES[recipe](hg, loader, w_bits=bits, a_bits=bits, progress=False, **opts)
+            seconds[label] = time.perf_counter() - start
+            print(f"    {seconds[label]:.0f} s, {plans[label].summary()}", flush=True)
+        results = compare(gm, {label: hyfx.quantize(hg, plan) for label, plan in plans.items()},
+                          make_loader(evaluation, config, 50), progress=False)
+        fp32 = results["fp32"]
+        rows = {"fp32": {**fp32.to_dict(), "drop_top1": 0.0}}
+        for label, acc in results.items():
+            if label == "fp32":
+                continue
+            rows[label] = {**acc.to_dict(), "drop_top1": round(fp32.top1 - acc.top1, 2),
+                           "plan_seconds": round(seconds[label], 1),
+                           "plan_vs_fp32_pass": round(seconds[label] / floor, 1)}
+        entry["bits"][str(bits)] = rows
+        save()
+
+
+def xxs_timing(out: dict, save) -> None:
+    """Q-HyViT W8A8 plan time for mobilevit_xxs (random weights), next to its FP32 pass in the same run."""
+    torch.manual_seed(0)
+    model = zoo.create("mobilevit_xxs")
+    config = data_config(model)
+    calib, _ = split(load_image_folder(find_sample_dir()), 32, seed=0)
+    loader = make_loader(calib, config, 16)
+    start = time.perf_counter()
+    gm = hyfx.capture(model, example_input(config))
+    capture = time.perf_counter() - start
+    floor = fp32_pass_seconds(gm, calibration_images(loader))
+    plan = hyfx.recipes.qhyvit(gm, loader, progress=False)
+    out["mobilevit_xxs_w8a8"] = {"capture_seconds": round(capture, 1), "plan_seconds": plan.meta["plan_seconds"],
+                                 "sampling_seconds": plan.meta["sampling_seconds"],
+                                 "search_seconds": plan.meta["search_seconds"], "fp32_pass_seconds": round(floor, 1),
+                                 "plan_vs_fp32_pass": round(plan.meta["plan_seconds"] / floor, 1),
+                                 "layers": len(plan.layers)}
+    save()
+
+
+def markdown(out: dict) -> str:
+    lines = ["# PTQ accuracy on the real-weight zoo models", "",
+             f"{out['machine']}; {out['n_calib']} calibration images, evaluation on the other images of the sample "
+             "folder (model training images excluded). Agreement = top-1 agreement with FP32 on the same images. "
+             "Plan time is quoted with its ratio to one FP32 forward+backward pass over the calibration images "
+             "timed in the same run (shared machine: absolute seconds vary between runs).", ""]
+    for name, entry in out["models"].items():
+        lines += [f"## {name} ({entry['n_eval']} evaluation images; FP32 pass {entry['fp32_pass_seconds']} s)", "",
+                  "| bits | recipe | top-1 | top-5 | top-1 95% CI | drop vs FP32 (pt) | agreement | KL | plan s (× FP32 pass) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for bits, rows in entry["bits"].items():
+            for label, r in rows.items():
+                ci = f"[{r['top1_ci95'][0]:.1f}, {r['top1_ci95'][1]:.1f}]"
+                agree = f"{r['agreement']:.2f}%" if r.get("agreement") is not None else ""
+                kl = f"{r['kl']:.4f}" if r.get("kl") is not None else ""
+                plan = f"{r['plan_seconds']} ({r['plan_vs_fp32_pass']}×)" if "plan_seconds" in r else ""
+                lines.append(f"| W{bits}A{bits} | {label} | {r['top1']:.2f} | {r['top5']:.2f} | {ci} | "
+                             f"{r['drop_top1']:+.2f} | {agree} | {kl} | {plan} |".replace("+-", "-"))
+        lines.append("")
+    if "mobilevit_xxs_w8a8" in out:
+        t = out["mobilevit_xxs_w8a8"]
+        lines += ["## mobilevit_xxs W8A8 Q-HyViT plan time (random weights: timing only)", "",
+                  f"plan {t['plan_seconds']} s (sampling pass {t['sampling_seconds']} s, search {t['search_seconds']} s, "
+                  f"{t['layers']} layers) = {t['plan_vs_fp32_pass']}× one FP32 forward+backward pass over the 32 "
+                  f"calibration images ({t['fp32_pass_seconds']} s in the same run); capture {t['capture_seconds']} s.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="*", default=None, help="default: every real-weight zoo model available")
+    parser.add_argument("--bits", nargs="*", type=int, default=[8, 6])
+    parser.add_argument("--recipes", nargs="*", default=RECIPE_ORDER, choices=sorted(RECIPES))
+    parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--no-xxs", action="store_true", help="skip the mobilevit_xxs plan-time measurement")
+    parser.add_argument("--n-calib", type=int, default=32)
+    parser.add_argument("--n-eval", type=int, default=None, help="default: every other image")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default=str(RESULTS / "accuracy"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out = {"machine": f"{platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}",
+           "n_calib": args.n_calib, "models": {}}
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        path.with_suffix(".json").write_text(json.dumps(out, indent=1) + "\n")
+        path.with_suffix(".md").write_text(markdown(out) + "\n")
+
+    for name in args.models or real_models():
+        run_model(name, args.bits, args.recipes, not args.no_ablation, args.n_calib, args.n_eval, args.seed, out, save)
+    if not args.no_xxs:
+        xxs_timing(out, save)
+    save()
+    print(markdown(out))
+
+
+if __name__ == "__main__":
+    main()
