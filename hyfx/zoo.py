@@ -190,7 +190,14 @@ def _hybrid_card() -> dict:
 def _hybrid_skeleton() -> torch.nn.Module:
     from hyfx.hybrid import build_hybrid
 
-    return build_hybrid(_lite0_skeleton())
+    return build_hybrid(_lite0_skeleton(), _card_grafts())
+
+
+def _card_grafts() -> tuple:
+    """The grafts the shipped checkpoint was trained with (the card records them), else the default ones."""
+    from hyfx.hybrid import DEFAULT_GRAFTS, grafts_from_specs
+
+    return grafts_from_specs(_hybrid_card()["grafts"]) if HYBRID_CARD.is_file() else DEFAULT_GRAFTS
 
 
 def build_lite0_vit_real() -> torch.nn.Module:
@@ -199,7 +206,7 @@ def build_lite0_vit_real() -> torch.nn.Module:
 
     if not HYBRID_CHECKPOINT.is_file():
         raise HyfxError(f"checkpoint {HYBRID_CHECKPOINT} is missing: rebuild it with benchmarks/build_hybrid.py")
-    model = build_hybrid(build_lite0_real())
+    model = build_hybrid(build_lite0_real(), _card_grafts())
     load_new_blocks(model, HYBRID_CHECKPOINT)
     return model.eval()
 

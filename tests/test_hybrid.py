@@ -59,10 +59,13 @@ def test_has_mobilevit_blocks_at_stride_16_and_32(model):
     assert len(blocks) >= 2
     assert all(hasattr(b, name) for _, b in blocks for name in ("conv_kxk", "conv_1x1", "transformer", "conv_fusion"))
     seen = {}
-    for path, block in blocks:
-        block.register_forward_hook(lambda m, a, o, path=path: seen.setdefault(path, o.shape[-1]))
+    # a hook that returned a value would replace the block's output: __setitem__ returns None
+    handles = [block.register_forward_hook(lambda m, a, o, path=path: seen.__setitem__(path, o.shape[-1]))
+               for path, block in blocks]
     with torch.no_grad():
         model(torch.randn(1, 3, 224, 224))
+    for handle in handles:
+        handle.remove()
     assert sorted(seen.values()) == [7, 14]  # 224 / 32 and 224 / 16
 
 
