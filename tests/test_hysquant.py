@@ -291,3 +291,15 @@ def test_cli_search_bad_input_is_one_line(capsys, argv, needle):
     code = cli.main(["search", "lite0-real", "--calib", "/nonexistent", *argv])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_ort_timer_measures_plans_on_int8_kernels(lite0):
+    """The feedback loop's latency from ONNX Runtime: each plan exported as QDQ and timed against all-W8A8."""
+    hg, loaders, table, policies, _ = lite0
+    run = run_hysquant(hg, loaders["calib"], ["bytes=0.8x"], table=table, policies=policies, timer="ort",
+                       model="lite0-real", progress=False)
+    measured = run.result.iterations[-1]["measured"]
+    assert run.result.status == "met" and measured["latency_source"] == "measured:ort-cpu-int8"
+    # a mix of 4- and 8-bit weights: its ratio to the all-W8A8 session timed in the same loop
+    assert {p.weight.bits for p in run.plan.layers.values()} == {4, 8}
+    assert 0 < measured["reference_latency_s"] < 1 and 0.3 < measured["latency_ratio"] < 5

@@ -294,6 +294,43 @@ class TorchTimer:
             return median_time(lambda: model(self.example), repeats=self.repeats)
 
 
+class OrtTimer(TorchTimer):
+    """PlanTimer on ONNX Runtime's CPU int8 kernels: median seconds of one batch-1 run of the exported QDQ model.
+
+    Integer kernels exist for 8-bit grids only: a narrower grid is exported with a Clip that keeps ORT from
+    fusing the layer, so 4-bit choices measure slower here, which is what the feedback loop must learn.
+    """
+
+    backend = "ort-cpu-int8"
+
+    def __init__(self, hg: HybridGraph, policies: Policies, example: torch.Tensor, repeats: int = 15, cache: int = 4,
+                 threads: int = 2):
+        super().__init__(hg, policies, example, repeats, cache)
+        self.threads = threads
+        self._inputs = self.example.numpy()
+
+    def model(self, assignment: Assignment):
+        from hyfx.backends import onnx_qdq
+        from hyfx.backends import ort as hort
+
+        key = tuple(sorted((k, str(v)) for k, v in assignment.items()))
+        if key not in self._models:
+            if len(self._models) >= self._cache:
+                self._models.pop(next(iter(self._models)))
+            plan = self.policies.plan(dict(assignment))
+            exported = onnx_qdq.export(self.hg, plan, target="ort")
+            self._models[key] = hort.session(exported.model, self.threads)
+        return self._models[key]
+
+    def __call__(self, assignment: Assignment) -> float:
+        sess = self.model(assignment)
+        feed = {sess.get_inputs()[0].name: self._inputs}
+        return median_time(lambda: sess.run(None, feed), repeats=self.repeats)
+
+
+TIMERS: dict[str, type[TorchTimer]] = {"torch": TorchTimer, "ort": OrtTimer}
+
+
 def latency_ratio(timer: Callable[[Assignment], float], assignment: Assignment, reference: Assignment,
                   rounds: int = 3) -> tuple[float, float, float]:
     """Median time of `assignment` over that of `reference`, timed in alternation so drift hits both alike."""
@@ -502,7 +539,8 @@ def run_hysquant(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, budge
 
     `eval_loader`: labelled images for the table's top-1 (and pruning); `val_loader`: labelled images the
     feedback loop measures plans on; both disjoint from the calibration images (the caller splits).
-    `timer="torch"` times the fake-quant model on this CPU; a callable (assignment → seconds) plugs another backend.
+    `timer="ort"` times the exported int8 model in ONNX Runtime on this CPU, `"torch"` the fake-quant model; a
+    callable (assignment → seconds) plugs another backend.
     A saved `table` (and the `policies` it was built with) skips the sensitivity pass.
     """
     budgets = [b if isinstance(b, Budget) else Budget.parse(b) for b in budgets]
@@ -514,11 +552,11 @@ def run_hysquant(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, budge
     if policies is None:
         policies = Policies(hg, calib_loader, table.configs, table.layers, observer, progress)
     reference = {layer: table.reference for layer in table.layers}
-    if timer == "torch":
+    if isinstance(timer, str):
+        if timer not in TIMERS:
+            raise HyfxError(f"unknown timer {timer!r}: use one of {', '.join(TIMERS)} or pass a callable")
         first = next(iter(calib_loader))
-        timer = TorchTimer(hg, policies, first[0] if isinstance(first, (tuple, list)) else first)
-    elif isinstance(timer, str):
-        raise HyfxError(f"unknown timer {timer!r}: use 'torch' or pass a callable")
+        timer = TIMERS[timer](hg, policies, first[0] if isinstance(first, (tuple, list)) else first)
     evaluator = PlanEvaluator(hg, policies, calib_loader, val_loader, timer, reference, progress=progress)
     result = search(table, budgets, evaluator, minimize=minimize, max_iter=max_iter, tolerance=tolerance,
                     report=report)

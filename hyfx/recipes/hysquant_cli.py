@@ -17,7 +17,7 @@ from hyfx.recipes.hysquant import BUDGET_METRICS, Budget, run_hysquant
 from hyfx.recipes.pareto import pareto_front, plot_front
 from hyfx.recipes.sensitivity import SensitivityTable
 
-TIMERS = ("none", "torch")
+TIMERS = ("none", "ort", "torch")
 
 
 def add_search_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,8 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="roofline / energy profile: cpu (this machine), rtx3080, h100, "
                                                    "or a profile .json")
     p.add_argument("--timer", default="none", choices=TIMERS,
-                   help="measure latency in the feedback loop: torch = PyTorch fake-quant on this CPU "
+                   help="measure latency in the feedback loop: ort = the exported int8 model in ONNX Runtime, "
+                        "torch = PyTorch fake-quant on this CPU "
                         "(default none: latency budgets are judged on the roofline prediction)")
     p.add_argument("--n-calib", type=int, default=32, help="calibration images (ranges and the KL proxy)")
     p.add_argument("--n-eval", type=int, default=64, help="labelled images for the table's top-1/top-5 (0: KL only)")
