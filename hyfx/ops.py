@@ -144,3 +144,24 @@ def node_shape(node: fx.Node) -> tuple[int, ...] | None:
     if isinstance(val, torch.Tensor):
         return tuple(val.shape)
     return None
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """Every node `node` depends on, transitively."""
+    return _closure(node.all_input_nodes, lambda n: n.all_input_nodes)
+
+
+def descendants(node: fx.Node) -> set[fx.Node]:
+    """Every node that depends on `node`, transitively."""
+    return _closure(node.users, lambda n: n.users)
+
+
+def _closure(start, step) -> set[fx.Node]:
+    seen: set[fx.Node] = set()
+    todo = list(start)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(step(n))
+    return seen

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from hyfx.ops import CONV, QUANT, RESHAPE
+from hyfx.ops import CONV, QUANT, RESHAPE, ancestors, descendants
 
 _PASS_THROUGH = ("act", "other", RESHAPE, QUANT)
 
@@ -33,28 +33,6 @@ class Bridge:
 
 def _info(node: fx.Node) -> dict | None:
     return node.meta.get("hyfx")
-
-
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    todo = list(node.all_input_nodes)
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.all_input_nodes)
-    return seen
-
-
-def _descendants(node: fx.Node) -> set[fx.Node]:
-    seen: set[fx.Node] = set()
-    todo = list(node.users)
-    while todo:
-        n = todo.pop()
-        if n not in seen:
-            seen.add(n)
-            todo.extend(n.users)
-    return seen
 
 
 def _nearest_compute_inputs(node: fx.Node) -> list[fx.Node]:
@@ -86,7 +64,7 @@ def _feeding_convs(first_token: fx.Node, order: dict[fx.Node, int]) -> list[fx.N
         return []
     last = max(convs, key=order.__getitem__)
     block = _info(last)["block"]
-    upstream = _ancestors(last) | {last}
+    upstream = ancestors(last) | {last}
     return sorted((n for n in upstream if _info(n) and _info(n)["block"] == block and _info(n)["kind"] == CONV),
                   key=order.__getitem__)
 
@@ -105,7 +83,7 @@ def find_bridges(gm: fx.GraphModule) -> list[Bridge]:
         first_token = next((n for n in members if _info(n)["token_op"]), None)
         if first_token is None:
             continue
-        upstream = _ancestors(first_token)
+        upstream = ancestors(first_token)
         sources = [p for n in members for p in _nearest_compute_inputs(n) if p not in member_set]
         if not sources or _info(max(sources, key=order.__getitem__))["region"] == "transformer":
             continue  # fed by another transformer block (or the input): no conv→transformer transition
@@ -117,7 +95,7 @@ def find_bridges(gm: fx.GraphModule) -> list[Bridge]:
         if not layers:
             continue
         last_token = [n for n in members if _info(n)["token_op"]][-1]
-        after = _descendants(last_token)
+        after = descendants(last_token)
         fold = max((order[n] for n in members if n in after and _is_layout_change(n)), default=order[last_token])
         exits = [_info(n)["name"] for n in members if order[n] > fold and _info(n)["kind"] == CONV]
         bridges.append(Bridge(block, [_info(n)["name"] for n in layers], _info(first_token)["name"], exits))

@@ -27,7 +27,7 @@ from hyfx.errors import HyfxError
 from hyfx.evaluate import kl_divergence, topk_correct
 from hyfx.graph import HybridGraph
 from hyfx.hardware import DEFAULT_CONFIGS, BitConfig, DeviceProfile, GraphWork, LatencyModel, graph_work
-from hyfx.ops import MATMUL, weight_arg
+from hyfx.ops import MATMUL, descendants, weight_arg
 from hyfx.passes.insert_quant import getattr_path
 from hyfx.quant.quantizers import calibrate_weight, qd
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
@@ -106,14 +106,7 @@ class _Suffix:
     def __init__(self, gm: fx.GraphModule, node: fx.Node):
         self.gm = gm
         self.node = node
-        downstream: set[fx.Node] = set()
-        frontier = list(node.users)
-        while frontier:
-            n = frontier.pop()
-            if n not in downstream:
-                downstream.add(n)
-                frontier.extend(n.users)
-        self.downstream = downstream
+        self.downstream = downstream = descendants(node)
         # cached values an in-place op downstream would overwrite must be copied first
         self.copy_first = {a for n in downstream for a in _mutated_args(n) if a not in downstream and a is not node}
 
