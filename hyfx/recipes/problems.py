@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from hyfx.errors import HyfxError
-from hyfx.ops import ACT, CONV, NORM, OTHER, QUANT, RESHAPE, weight_arg
+from hyfx.ops import ACT, CONV, NORM, OTHER, QUANT, RESHAPE, ancestors, descendants, weight_arg
 from hyfx.passes.insert_quant import getattr_path
 from hyfx.quant.quantizers import fake_quant
 from hyfx.quant.spec import QuantSpec
@@ -224,18 +224,7 @@ def chain_nodes(start: fx.Node, end: fx.Node) -> list[fx.Node] | None:
     fed only from inside the chain (or constants); None otherwise."""
     if start is end:
         return [start]
-    down, todo = set(), list(start.users)
-    while todo:
-        n = todo.pop()
-        if n not in down:
-            down.add(n)
-            todo.extend(n.users)
-    up, todo = set(), list(end.all_input_nodes)
-    while todo:
-        n = todo.pop()
-        if n not in up:
-            up.add(n)
-            todo.extend(n.all_input_nodes)
+    down, up = descendants(start), ancestors(end)
     if end not in down:
         return None
     between = (down & up) | {end}
