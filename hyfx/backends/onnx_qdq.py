@@ -528,12 +528,7 @@ def _fold_weight_transposes(model: onnx.ModelProto) -> None:
     Transpose would run on every call and hide the weight from the int8 MatMul fusion.
     """
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    users: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            users[i] = users.get(i, 0) + 1
+    inits, producers, users = _graph_index(graph)
     drop = set()
     for node in graph.node:
         if node.op_type != "Transpose":
@@ -556,6 +551,15 @@ def _fold_weight_transposes(model: onnx.ModelProto) -> None:
     graph.node.extend(kept)
 
 
+def _graph_index(graph: onnx.GraphProto) -> tuple[dict, dict, dict[str, int]]:
+    """(initializers by name, producing node by output name, number of uses by value name)."""
+    uses: dict[str, int] = {}
+    for n in graph.node:
+        for i in n.input:
+            uses[i] = uses.get(i, 0) + 1
+    return {t.name: t for t in graph.initializer}, {o: n for n in graph.node for o in n.output}, uses
+
+
 def _fold_pads_into_convs(model: onnx.ModelProto) -> None:
     """Pad(0) → Q → DQ → Conv becomes Q → DQ → Conv with the padding in the Conv's pads.
 
@@ -565,12 +569,7 @@ def _fold_pads_into_convs(model: onnx.ModelProto) -> None:
     zero point equals padding with 0 then quantizing.
     """
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    producers = {o: n for n in graph.node for o in n.output}
-    uses: dict[str, int] = {}
-    for n in graph.node:
-        for i in n.input:
-            uses[i] = uses.get(i, 0) + 1
+    inits, producers, uses = _graph_index(graph)
     drop, stale = set(), set()
     for conv in graph.node:
         if conv.op_type != "Conv":
