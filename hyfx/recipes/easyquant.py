@@ -15,24 +15,18 @@ import torch.fx as fx
 
 from hyfx.graph import HybridGraph
 from hyfx.ops import CONV, LINEAR
-from hyfx.quant.spec import QuantPlan, check_bits
-from hyfx.recipes.common import analysed
+from hyfx.quant.spec import QuantPlan
 from hyfx.recipes.problems import Side, uniform_spec
-from hyfx.recipes.reconstruct import run_search
-from hyfx.recipes.sampling import calibration_images
-from hyfx.recipes.search import CosineObjective, UniformCandidates, grid
+from hyfx.recipes.reconstruct import prepare_search, run_search
+from hyfx.recipes.search import CosineObjective, UniformCandidates
 
 
 def easyquant(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int = 8, a_bits: int = 8,
               alpha: float = 0.5, beta: float = 1.2, n: int = 100, rounds: int = 3, samples: int = 256,
               act_scheme: str = "symmetric", coarse: int | None = 12, seed: int = 0, max_batches: int | None = None,
               progress: bool = True) -> QuantPlan:
-    check_bits(w_bits)
-    check_bits(a_bits)
     start = time.perf_counter()
-    hg = analysed(gm)
-    images = calibration_images(calib_loader, max_batches)
-    factors = grid(alpha, beta, n)
+    hg, images, factors = prepare_search(gm, calib_loader, w_bits, a_bits, alpha, beta, n, max_batches)
 
     def options(layer: str, node: fx.Node, side_name: str, side: Side) -> list:
         if side_name == "weight":

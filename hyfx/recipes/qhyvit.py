@@ -20,13 +20,11 @@ from collections.abc import Iterable
 import torch.fx as fx
 
 from hyfx.graph import HybridGraph
-from hyfx.quant.spec import QuantPlan, check_bits
-from hyfx.quant.targets import GRANULARITIES, SCHEMES, TargetRules, check_bits_for_target, target_rules
-from hyfx.recipes.common import analysed
+from hyfx.quant.spec import QuantPlan
+from hyfx.quant.targets import GRANULARITIES, SCHEMES, TargetRules, target_rules
 from hyfx.recipes.problems import Side, uniform_spec
-from hyfx.recipes.reconstruct import run_search
-from hyfx.recipes.sampling import calibration_images
-from hyfx.recipes.search import HessianObjective, UniformCandidates, grid
+from hyfx.recipes.reconstruct import prepare_search, run_search
+from hyfx.recipes.search import HessianObjective, UniformCandidates
 
 
 def search_space(w_bits: int, a_bits: int, rules: TargetRules, search_granularity: bool = True,
@@ -59,14 +57,9 @@ def qhyvit(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int
            bridge: bool = True, coarse: int | None = 12, seed: int = 0, max_batches: int | None = None,
            progress: bool = True) -> QuantPlan:
     """Q-HyViT plan for `target` ("fake", "ort" or "tensorrt"); `samples` rows per layer feed the search."""
-    check_bits(w_bits)
-    check_bits(a_bits)
-    rules = target_rules(target)
-    check_bits_for_target(target, w_bits, a_bits)
     start = time.perf_counter()
-    hg = analysed(gm)
-    images = calibration_images(calib_loader, max_batches)
-    factors = grid(alpha, beta, n)
+    hg, images, factors = prepare_search(gm, calib_loader, w_bits, a_bits, alpha, beta, n, max_batches, target)
+    rules = target_rules(target)
     space = search_space(w_bits, a_bits, rules, search_granularity, search_scheme)
 
     def options(layer: str, node: fx.Node, side_name: str, side: Side) -> list:

@@ -19,7 +19,9 @@ from tqdm import tqdm
 from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph
 from hyfx.ops import CONV, LINEAR, MATMUL, NORM, SOFTMAX, weight_arg
-from hyfx.quant.spec import LayerPolicy
+from hyfx.quant.spec import LayerPolicy, check_bits
+from hyfx.quant.targets import check_bits_for_target
+from hyfx.recipes.common import analysed
 from hyfx.recipes.problems import (
     Chain,
     ChainProblem,
@@ -30,8 +32,8 @@ from hyfx.recipes.problems import (
     chain_input,
     chain_nodes,
 )
-from hyfx.recipes.sampling import Request, Samples, sample_layers
-from hyfx.recipes.search import Choice, alternate
+from hyfx.recipes.sampling import Request, Samples, calibration_images, sample_layers
+from hyfx.recipes.search import Choice, alternate, grid
 
 aten = torch.ops.aten
 NORM_SUBS = ("softmax", "layer_norm", "batch_norm", "group_norm")
@@ -73,6 +75,17 @@ def _bridge_chains(hg: HybridGraph) -> dict[str, tuple[Chain, list[str]]]:
         for layer in bridge.layers:
             out[layer] = (Chain(hg.gm, chain), bridge.layers)
     return out
+
+
+def prepare_search(gm: fx.GraphModule | HybridGraph, calib_loader, w_bits: int, a_bits: int, alpha: float,
+                   beta: float, n: int, max_batches: int | None, target: str = "fake"
+                   ) -> tuple[HybridGraph, list[torch.Tensor], torch.Tensor]:
+    """What every reconstruction recipe starts from: bit-widths checked (for `target` too), the analysed graph,
+    the calibration images and the scale-factor grid."""
+    check_bits(w_bits)
+    check_bits(a_bits)
+    check_bits_for_target(target, w_bits, a_bits)
+    return analysed(gm), calibration_images(calib_loader, max_batches), grid(alpha, beta, n)
 
 
 @torch.no_grad()
