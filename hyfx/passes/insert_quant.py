@@ -33,18 +33,22 @@ def _tag(node: fx.Node, layer: str, role: str, spec: QuantSpec, like: fx.Node) -
     node.meta["hyfx"] = info
 
 
+def _single_op_quantizer(spec: QuantSpec) -> tuple | None:
+    """(op, arguments after the input) of the quantizers that are one registered hyfx op, else None."""
+    if spec.kind == "log2":
+        return torch.ops.hyfx.log2_fake_quant.default, (spec.scale[0], spec.zero_point[0], spec.bits, spec.eps)
+    if spec.kind == "twin":
+        return torch.ops.hyfx.twin_fake_quant.default, (spec.scale[0], spec.scale[1], spec.bits, spec.signed)
+    return None
+
+
 def _insert_qdq(gm: fx.GraphModule, src: fx.Node, spec: QuantSpec, layer: str, role: str) -> fx.Node:
     graph = gm.graph
-    if spec.kind == "log2":
+    single = _single_op_quantizer(spec)
+    if single is not None:
+        op, args = single
         with graph.inserting_after(src):
-            out = graph.call_function(torch.ops.hyfx.log2_fake_quant.default,
-                                      (src, spec.scale[0], spec.zero_point[0], spec.bits, spec.eps))
-        _tag(out, layer, role, spec, src)
-        return out
-    if spec.kind == "twin":
-        with graph.inserting_after(src):
-            out = graph.call_function(torch.ops.hyfx.twin_fake_quant.default,
-                                      (src, spec.scale[0], spec.scale[1], spec.bits, spec.signed))
+            out = graph.call_function(op, (src, *args))
         _tag(out, layer, role, spec, src)
         return out
     dtype = _dtype(spec)
