@@ -23,23 +23,17 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import hyfx
 from hyfx import zoo
+from hyfx.bench import METHODS, accuracy_tables, bench_images, fp32_pass_seconds, variants
 from hyfx.data import data_config, example_input, find_sample_dir, load_image_folder, make_loader, split
-from hyfx.evaluate import compare
 from hyfx.recipes import RECIPES
 from hyfx.recipes.sampling import calibration_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
-RECIPE_ORDER = ["minmax", "easyquant", "ptq4vit", "efficientquant", "qhyvit"]
-ABLATION = {  # Q-HyViT Table 3: what the search may choose besides the scale
-    "qhyvit: scale only": {"search_granularity": False, "search_scheme": False},
-    "qhyvit: + granularity": {"search_scheme": False},
-}
 
 
 def real_models() -> list[str]:
@@ -49,51 +43,20 @@ def real_models() -> list[str]:
     return models
 
 
-def fp32_pass_seconds(gm: torch.fx.GraphModule, images: list[torch.Tensor]) -> float:
-    """One forward + backward pass of the FP32 graph over the calibration images (the search's own floor)."""
-    start = time.perf_counter()
-    for x in images:
-        x = x.clone().requires_grad_(True)
-        logits = gm(x)
-        F.cross_entropy(logits, logits.detach().argmax(1), reduction="sum").backward()
-    return time.perf_counter() - start
-
-
 def run_model(name: str, bits_list: list[int], recipes: list[str], ablation: bool, n_calib: int, n_eval: int | None,
               seed: int, out: dict, save) -> None:
     model = zoo.create(name)
     config = data_config(model)
-    pool = load_image_folder(find_sample_dir()).without(zoo.training_images(name))
-    calib, evaluation = split(pool, n_calib, n_eval, seed=seed)
-    gm = hyfx.capture(model, example_input(config))
-    hg = hyfx.analyze(gm)
-    loader = make_loader(calib, config, 16)
-    floor = fp32_pass_seconds(gm, calibration_images(loader))
-    entry = out["models"].setdefault(name, {"n_calib": len(calib), "n_eval": len(evaluation),
-                                            "fp32_pass_seconds": round(floor, 2), "bits": {}})
-    for bits in bits_list:
-        plans, seconds = {}, {}
-        variants = [(r, r, {}) for r in recipes]
-        if ablation:
-            variants += [(label, "qhyvit", opts) for label, opts in ABLATION.items()]
-        for label, recipe, opts in variants:
-            print(f"[{name} W{bits}A{bits}] {label} ...", flush=True)
-            start = time.perf_counter()
-            plans[label] = RECIPES[recipe](hg, loader, w_bits=bits, a_bits=bits, progress=False, **opts)
-            seconds[label] = time.perf_counter() - start
-            print(f"    {seconds[label]:.0f} s, {plans[label].summary()}", flush=True)
-        results = compare(gm, {label: hyfx.quantize(hg, plan) for label, plan in plans.items()},
-                          make_loader(evaluation, config, 50), progress=False)
-        fp32 = results["fp32"]
-        rows = {"fp32": {**fp32.to_dict(), "drop_top1": 0.0}}
-        for label, acc in results.items():
-            if label == "fp32":
-                continue
-            rows[label] = {**acc.to_dict(), "drop_top1": round(fp32.top1 - acc.top1, 2),
-                           "plan_seconds": round(seconds[label], 1),
-                           "plan_vs_fp32_pass": round(seconds[label] / floor, 1)}
-        entry["bits"][str(bits)] = rows
+    calib, evaluation = bench_images(name, n_calib=n_calib, n_eval=n_eval, seed=seed)
+    hg = hyfx.analyze(hyfx.capture(model, example_input(config)))
+    entry = out["models"].setdefault(name, {"n_calib": len(calib), "n_eval": len(evaluation)})
+
+    def update(tables: dict) -> None:
+        entry.update(tables)
         save()
+
+    accuracy_tables(hg, make_loader(calib, config, 16), make_loader(evaluation, config, 50), bits_list,
+                    variants(recipes, ablation=ablation, full=False), on_bits=update)
 
 
 def xxs_timing(out: dict, save) -> None:
@@ -148,7 +111,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=None, help="default: every real-weight zoo model available")
     parser.add_argument("--bits", nargs="*", type=int, default=[8, 6])
-    parser.add_argument("--recipes", nargs="*", default=RECIPE_ORDER, choices=sorted(RECIPES))
+    parser.add_argument("--recipes", nargs="*", default=list(METHODS), choices=sorted(RECIPES))
     parser.add_argument("--no-ablation", action="store_true")
     parser.add_argument("--no-xxs", action="store_true", help="skip the mobilevit_xxs plan-time measurement")
     parser.add_argument("--n-calib", type=int, default=32)

@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -36,8 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import hyfx
 from hyfx import zoo
 from hyfx.backends import ort as hort
-from hyfx.data import data_config, example_input, find_sample_dir, load_image_folder, make_loader, split
-from hyfx.evaluate import Predictions, accuracy
+from hyfx.bench import bench_images, ort_accuracy, ort_models, time_models
+from hyfx.data import data_config, example_input, make_loader
 
 MOBILEVIT = ["mobilevit_xxs", "mobilevit_xs", "mobilevit_s", "mobilevitv2_050", "mobilevitv2_100", "mobilevitv2_200"]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,90 +46,20 @@ def _log(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
 
 
-def _images(name: str, n_calib: int, n_eval: int | None, seed: int = 0):
-    pool = load_image_folder(find_sample_dir())
-    trained = zoo.training_images(name)
-    if trained:
-        pool = pool.without(trained)
-    return split(pool, n_calib, n_eval, seed=seed)
-
-
 def build(name: str, recipes: list[str], work: Path, n_calib: int) -> tuple[dict, dict, dict]:
     """ONNX models of `name`: {config: path}, {config: note}, and the loaders' data config."""
     model = zoo.create(name)
     config = data_config(model)
-    gm = hyfx.capture(model, example_input(config))
-    hg = hyfx.analyze(gm)
-    calib, _ = _images(name, n_calib, None)
-    loader = list(make_loader(calib, config, batch_size=8))
-    paths, notes = {}, {}
-    start = time.perf_counter()
-    paths["ort fp32"] = work / f"{name}_fp32.onnx"
-    onnx.save(hort.fp32_model(hg), str(paths["ort fp32"]))
-    _log(f"{name}: FP32 export {time.perf_counter() - start:.0f} s")
-    fp32 = onnx.load(str(paths["ort fp32"]))
-    for fmt in ("qdq", "qoperator"):
-        key = f"ort quantize_static {fmt}"
-        try:
-            path = hort.ort_quantize_static(fp32, loader, work / f"{name}_qs_{fmt}.onnx", quant_format=fmt)
-            hort.run(hort.session(path), torch.zeros(1, *config["input_size"]))  # an invalid graph fails here
-            paths[key] = path
-        except Exception as exc:  # noqa: BLE001 - ORT's own tool failing is a result to report
-            notes[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
-            _log(f"{name}: {key} failed: {notes[key]}")
-    for recipe in recipes:
-        start = time.perf_counter()
-        plan = hyfx.recipes.get_recipe(recipe)(hg, loader, progress=False)
-        result = hort.compile_cpu(hg, plan, loader, path=work / f"{name}_hyfx_{recipe}.onnx")
-        paths[f"hyfx int8 {recipe}"] = work / f"{name}_hyfx_{recipe}.onnx"
-        info = result.info
-        notes[f"hyfx int8 {recipe}"] = (f"{len(info.int8_layers)} layers int8, {len(info.fp32_layers)} FP32, "
-                                        f"{info.weight_bits}-bit weights, threshold {info.threshold}")
-        _log(f"{name}: hyfx {recipe} compiled in {time.perf_counter() - start:.0f} s ({notes[f'hyfx int8 {recipe}']})")
+    hg = hyfx.analyze(hyfx.capture(model, example_input(config)))
+    calib, _ = bench_images(name, n_calib=n_calib)
+    paths, notes = ort_models(hg, make_loader(calib, config, batch_size=8), work, recipes, stem=name)
     return paths, notes, config
-
-
-def time_models(paths: dict, config: dict, batches: list[int], threads: int, runs: int, cpu_time: bool) -> dict:
-    out: dict[str, dict] = {k: {"bytes": Path(p).stat().st_size} for k, p in paths.items()}
-    for batch in batches:
-        inputs = np.random.default_rng(0).standard_normal((batch, *config["input_size"])).astype(np.float32)
-        sessions = {k: hort.session(p, threads) for k, p in paths.items()}
-        times = hort.time_sessions(sessions, inputs, runs=runs, warmup=5)
-        for k, v in times.items():
-            out[k][f"bs{batch}_ms"] = hort.median(v) * 1000
-    if cpu_time:
-        inputs = np.random.default_rng(0).standard_normal((1, *config["input_size"])).astype(np.float32)
-        sessions = {k: hort.session(p, 1) for k, p in paths.items()}
-        times = hort.time_sessions(sessions, inputs, runs=runs, warmup=3, clock=time.thread_time)
-        for k, v in times.items():
-            out[k]["bs1_cpu1_ms"] = hort.median(v) * 1000
-    _ratios(out, batches, cpu_time)
-    return out
-
-
-def _ratios(out: dict, batches: list[int], cpu_time: bool) -> None:
-    metrics = [f"bs{b}_ms" for b in batches] + (["bs1_cpu1_ms"] if cpu_time else [])
-    for metric in metrics:
-        base = out["ort fp32"][metric]
-        valid = [k for k in out if k.startswith("ort quantize_static") and metric in out[k]]
-        best_qs = min((out[k][metric] for k in valid), default=None)
-        for v in out.values():
-            if metric not in v:
-                continue
-            v[f"{metric[:-3]}_x_fp32"] = base / v[metric]
-            if best_qs is not None:
-                v[f"{metric[:-3]}_x_qs"] = best_qs / v[metric]
 
 
 def evaluate(name: str, paths: dict, config: dict, n_calib: int, n_eval: int | None, threads: int) -> dict:
     """top-1 / top-5 / agreement of each ONNX model in ORT on the evaluation images (calibration ones excluded)."""
-    _, evaluation = _images(name, n_calib, n_eval)
-    loader = list(make_loader(evaluation, config, batch_size=50))
-    labels = torch.cat([torch.as_tensor(t) for _, t in loader])
-    preds = {k: Predictions(torch.cat([torch.from_numpy(hort.run(hort.session(p, threads), x)) for x, _ in loader]), labels)
-             for k, p in paths.items()}
-    base = preds["ort fp32"]
-    return {k: accuracy(p, None if k == "ort fp32" else base).to_dict() for k, p in preds.items()}
+    _, evaluation = bench_images(name, n_calib=n_calib, n_eval=n_eval)
+    return ort_accuracy(paths, make_loader(evaluation, config, batch_size=50), threads)
 
 
 def _fmt(v, spec=".2f") -> str:
@@ -249,7 +178,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in list(args.models) + [r for r in real if r not in args.models]:
             paths, notes, config = build(name, args.recipes, Path(tmp), args.n_calib)
-            timings = time_models(paths, config, args.batches, args.threads, args.runs, args.cpu_time)
+            timings = time_models(paths, config["input_size"], args.batches, args.threads, args.runs, args.cpu_time)
             report["speed"][name] = {"timings": timings, "notes": notes,
                                      "real_weights": zoo.is_real_weights(name)}
             best = {k: round(v.get("bs1_x_fp32", 0), 2) for k, v in timings.items()}

@@ -52,7 +52,7 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
-def _splits(name: str, n_calib: int, n_eval: int, n_val: int, n_test: int, seed: int):
+def splits(name: str, n_calib: int, n_eval: int, n_val: int, n_test: int, seed: int):
     pool = load_image_folder(find_sample_dir())
     trained = zoo.training_images(name)
     if trained:
@@ -83,7 +83,7 @@ def run_model(name: str, args: argparse.Namespace, out: Path) -> dict:
     config = data_config(model)
     gm = hyfx.capture(model, example_input(config))
     hg = hyfx.analyze(gm)
-    pool, calib, sens, val, test = _splits(name, args.n_calib, args.n_eval, args.n_val, args.n_test, args.seed)
+    pool, calib, sens, val, test = splits(name, args.n_calib, args.n_eval, args.n_val, args.n_test, args.seed)
     loaders = {k: make_loader(s, config, args.batch_size) for k, s in
                (("calib", calib), ("sens", sens), ("val", val), ("test", test))}
     _log(f"== {name}: {len(hg.layers())} quantizable layers; images: {len(pool)} usable, calib {len(calib)}, "

@@ -158,6 +158,33 @@ def cmd_export(args: argparse.Namespace) -> int:
     return export_command(args, gm, config, lambda folder: _pool(args, folder))
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from hyfx.bench import METHODS, bench_model, variants
+    from hyfx.bench_report import render
+
+    for b in args.bits:
+        check_bits(b)  # bad bit-widths fail before the model is built
+    if args.quick:
+        args.bits, args.methods, args.no_ablation, args.no_full, args.runs = [8], ["minmax", "qhyvit"], True, True, 10
+    rows = variants(args.methods or METHODS, ablation=not args.no_ablation, full=not args.no_full)
+    out = Path(args.out or f"bench_{args.model}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(result: dict) -> None:  # partial results survive an interrupted run
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+
+    torch.set_num_threads(args.threads)
+    result = bench_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, folder=args.data,
+                         n_calib=args.n_calib, n_eval=args.n_eval, seed=args.seed, bits=args.bits, rows=rows,
+                         latency=not args.no_latency, runs=args.runs, threads=args.threads, on_update=save)
+    save(result)
+    report = render([result], title=f"hyfx bench {args.model}")
+    out.with_suffix(".md").write_text(report + "\n")
+    print(report)
+    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} ({result['seconds']} s)")
+    return 0
+
+
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help=f"a timm model name or a zoo entry ({', '.join(zoo.list_models())})")
     parser.add_argument("--checkpoint", help="local state dict to load into the architecture (strict)")
@@ -213,6 +240,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     add_export_arguments(p)
     p.set_defaults(func=cmd_export)
+
+    from hyfx.bench import METHODS
+
+    p = sub.add_parser("bench", help="one model through the seed papers' tables (recipes × bits, full quantization, "
+                                     "ablation) and ONNX Runtime latency / size")
+    _add_model_args(p)
+    p.add_argument("--data", help="image folder (default: $HYFX_SAMPLE_DIR or the shared ImageNet sample)")
+    p.add_argument("--n-calib", type=int, default=32)
+    p.add_argument("--n-eval", type=int, help="evaluation images (default: every image not used for calibration)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bits", type=int, nargs="+", default=[8, 6], help="W{b}A{b} settings (default 8 6)")
+    p.add_argument("--methods", nargs="+", choices=METHODS, help=f"default: {' '.join(METHODS)}")
+    p.add_argument("--no-ablation", action="store_true", help="skip Q-HyViT's Table 3 ablation")
+    p.add_argument("--no-full", action="store_true", help="skip full quantization (Q-HyViT's Table 2)")
+    p.add_argument("--no-latency", action="store_true", help="skip the ONNX Runtime latency / size table")
+    p.add_argument("--runs", type=int, default=30, help="timed runs per latency median")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="W8A8 minmax and qhyvit only, 10 timed runs")
+    p.add_argument("--out", help="output stem: writes <stem>.json and <stem>.md (default bench_<model>)")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -146,6 +146,28 @@ def node_shape(node: fx.Node) -> tuple[int, ...] | None:
     return None
 
 
+def mutated_args(node: fx.Node) -> list[fx.Node]:
+    """Inputs an in-place op writes to (hardtanh_, silu_, add_ ...); captured graphs keep timm's in-place acts."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return []
+    out = []
+    for arg, value in zip(schema.arguments, node.args, strict=False):
+        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node):
+            out.append(value)
+    return out
+
+
+def out_of_place(node: fx.Node):
+    """The functional overload of an in-place aten op (aten.hardtanh_.default → aten.hardtanh.default), or None."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or not schema.name.endswith("_"):
+        return None
+    namespace, _, name = schema.name.partition("::")
+    packet = getattr(getattr(torch.ops, namespace, None), name[:-1], None)
+    return getattr(packet, schema.overload_name or "default", None) if packet is not None else None
+
+
 def ancestors(node: fx.Node) -> set[fx.Node]:
     """Every node `node` depends on, transitively."""
     return _closure(node.all_input_nodes, lambda n: n.all_input_nodes)

@@ -17,7 +17,7 @@ from hyfx.errors import HyfxError
 from hyfx.quant.quantizers import fake_quant
 from hyfx.quant.spec import QuantSpec
 from hyfx.quant.targets import check_plan_target
-from hyfx.recipes.problems import Chain, ChainProblem, ConvLinearProblem, Side, chain_nodes, uniform_spec
+from hyfx.recipes.problems import Chain, ChainProblem, ConvLinearProblem, RowsProblem, Side, chain_nodes, uniform_spec
 from hyfx.recipes.reconstruct import _kind
 from hyfx.recipes.sampling import Request, sample_layers
 from hyfx.recipes.search import HessianObjective, UniformCandidates, grid, search_side
@@ -271,6 +271,52 @@ def test_full_quantization_adds_norm_and_softmax_inputs(tiny, tmp_path):
     x = images[0]
     with torch.no_grad():
         assert torch.equal(hyfx.quantize(hg, again)(x), hyfx.quantize(hg, plan)(x))
+
+
+class _BnInplaceAct(nn.Module):
+    """conv → BN → in-place ReLU6, as timm's BatchNormAct2d captures (hardtanh_ on the norm's output)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.act = nn.ReLU6(inplace=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.head(self.act(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_norm_rows_are_recorded_before_an_inplace_activation():
+    torch.manual_seed(0)
+    model = _BnInplaceAct().eval()
+    with torch.no_grad():
+        model.bn.weight.mul_(20.0)  # BN outputs well outside ReLU6's [0, 6]
+    gm = hyfx.capture(model, torch.randn(1, 3, 8, 8))
+    hg = hyfx.analyze(gm)
+    assert any(str(n.target) == "aten.hardtanh_.default" for n in gm.graph.nodes)
+    bn = next(layer for layer in hg.layers(("norm",)))
+    images = [torch.randn(4, 3, 8, 8) for _ in range(2)]
+    data = sample_layers(hg.gm, [Request(bn, hg.node(bn), "rows")], images, samples=64, progress=False)
+    problem = RowsProblem(bn, hg.node(bn), hg.gm, data[bn])
+    target = problem.target
+    assert target.min() < 0 and target.max() > 6  # the norm's own output, not the clamped activation
+    x = problem.sides["input0"].data
+    assert torch.allclose(problem.evaluate("input0", x[None], {})[0], target, atol=1e-4)
+    with torch.no_grad():  # the forward pass itself is unchanged by recording
+        assert torch.allclose(hg.gm(images[0]), model(images[0]), atol=1e-5)
+
+
+def test_minmax_full_quantization_baseline(tiny):
+    _, hg, images, _ = tiny
+    full = hyfx.recipes.minmax(hg, images, full=True, progress=False)
+    partial = hyfx.recipes.minmax(hg, images, progress=False)
+    extra = set(full.layers) - set(partial.layers)
+    assert extra and {hg.tags(layer)["kind"] for layer in extra} == {"norm", "softmax"}
+    assert all(full.layers[layer].inputs[0].calibrated for layer in extra)
+    x = images[0]
+    with torch.no_grad():  # quantizing the norm / softmax inputs changes the output
+        assert not torch.equal(hyfx.quantize(hg, full)(x), hyfx.quantize(hg, partial)(x))
 
 
 def test_low_bit_widths_build_a_plan(tiny):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hyfx.errors import HyfxError
+from hyfx.ops import mutated_args, out_of_place
 from hyfx.quant.calibrate import batches
 
 aten = torch.ops.aten
@@ -128,13 +129,28 @@ def _draw(weight: torch.Tensor | None, n: int, total: int, gen: torch.Generator)
 
 
 class _Recorder(fx.Interpreter):
+    """Keeps the values of the named nodes as they were computed.
+
+    An in-place op (timm's BatchNormAct runs hardtanh_ / silu_ on the norm's output) would overwrite a kept
+    value, and gradients taken with respect to it would be those of the mutated tensor; such an op runs out of
+    place instead, and the mutated input's later users read its result, as they would in eager mode.
+    """
+
     def __init__(self, gm: fx.GraphModule, keep: set[str]):
         super().__init__(gm)
         self.keep = keep
         self.values: dict[str, torch.Tensor] = {}
 
     def run_node(self, n: fx.Node):
-        out = super().run_node(n)
+        kept = [a for a in mutated_args(n) if a.name in self.keep]
+        functional = out_of_place(n) if kept else None
+        if functional is not None:
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            out = functional(*args, **kwargs)
+            for a in kept:
+                self.env[a] = out
+        else:
+            out = super().run_node(n)
         if n.name in self.keep:
             self.values[n.name] = out
         return out

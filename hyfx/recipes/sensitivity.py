@@ -27,7 +27,7 @@ from hyfx.errors import HyfxError
 from hyfx.evaluate import kl_divergence, topk_correct
 from hyfx.graph import HybridGraph
 from hyfx.hardware import DEFAULT_CONFIGS, BitConfig, DeviceProfile, GraphWork, LatencyModel, graph_work
-from hyfx.ops import MATMUL, descendants, weight_arg
+from hyfx.ops import MATMUL, descendants, mutated_args, weight_arg
 from hyfx.passes.insert_quant import getattr_path
 from hyfx.quant.quantizers import calibrate_weight, qd
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
@@ -88,18 +88,6 @@ def _qdq(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     return qd.dequantize_per_tensor.default(qd.quantize_per_tensor.default(x, *args), *args)
 
 
-def _mutated_args(node: fx.Node) -> list[fx.Node]:
-    """Inputs an in-place op writes to (hardtanh_, silu_, add_ ...)."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return []
-    out = []
-    for arg, value in zip(schema.arguments, node.args, strict=False):
-        if arg.alias_info is not None and arg.alias_info.is_write and isinstance(value, fx.Node):
-            out.append(value)
-    return out
-
-
 class _Suffix:
     """Re-run only what lies downstream of one layer, from a cached float environment."""
 
@@ -108,7 +96,7 @@ class _Suffix:
         self.node = node
         self.downstream = downstream = descendants(node)
         # cached values an in-place op downstream would overwrite must be copied first
-        self.copy_first = {a for n in downstream for a in _mutated_args(n) if a not in downstream and a is not node}
+        self.copy_first = {a for n in downstream for a in mutated_args(n) if a not in downstream and a is not node}
 
     def run(self, env: dict[fx.Node, object], layer_out: torch.Tensor) -> torch.Tensor:
         initial = {n: v for n, v in env.items() if n not in self.downstream}

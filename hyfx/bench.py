@@ -1,0 +1,292 @@
+"""`hyfx bench`: one model through the seed papers' experiments, on disjoint calibration and evaluation images.
+
+- accuracy: FP32 and every recipe at each bit-width with partial quantization (softmax / norms in float),
+  Q-HyViT's ablation (scale only, + granularity, + scheme = qhyvit), and full quantization (softmax and norm
+  inputs quantized too; min-max as the baseline Q-HyViT's Table 2 compares against);
+- ONNX Runtime on this CPU: FP32, ORT's own quantize_static and hyfx's int8 lowering, interleaved timing
+  (bs1, bs8), model bytes, and the accuracy of each ONNX model on the evaluation images.
+
+Accuracy needs trained weights: for a random-weight model only the latency part runs.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+import hyfx
+from hyfx import zoo
+from hyfx.data import ImageSet, data_config, example_input, find_sample_dir, load_image_folder, make_loader, split
+from hyfx.errors import HyfxError
+from hyfx.evaluate import Predictions, accuracy, compare, wilson_interval
+from hyfx.graph import HybridGraph
+from hyfx.recipes import get_recipe
+from hyfx.recipes.sampling import calibration_images
+
+METHODS = ("minmax", "easyquant", "ptq4vit", "efficientquant", "qhyvit")
+ORT_RECIPES = ("minmax", "qhyvit")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the accuracy tables: a recipe with options, and which paper table it belongs to."""
+
+    label: str
+    recipe: str
+    options: dict = field(default_factory=dict)
+    table: str = "partial"  # partial | ablation | full
+
+
+def variants(methods: Sequence[str] = METHODS, ablation: bool = True, full: bool = True) -> list[Variant]:
+    out = [Variant(m, m) for m in methods]
+    if ablation:  # Q-HyViT Table 3: what the search may choose besides the scale (qhyvit itself = + scheme)
+        out += [Variant("qhyvit: scale only", "qhyvit", {"search_granularity": False, "search_scheme": False},
+                        "ablation"),
+                Variant("qhyvit: + granularity", "qhyvit", {"search_scheme": False}, "ablation")]
+    if full:  # Q-HyViT Table 2: softmax and norm inputs quantized as well
+        out += [Variant("minmax (full)", "minmax", {"full": True}, "full"),
+                Variant("qhyvit (full)", "qhyvit", {"full": True}, "full")]
+    return out
+
+
+def _log(line: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+
+
+def bench_images(name: str, folder: str | Path | None = None, n_calib: int = 32, n_eval: int | None = None,
+                 seed: int = 0) -> tuple[ImageSet, ImageSet]:
+    """Calibration and (disjoint) evaluation images: the folder minus the images the model was trained on."""
+    folder = folder or find_sample_dir()
+    if folder is None:
+        raise HyfxError("no image folder: pass --data DIR (class subfolders, or images + labels.csv)")
+    pool = load_image_folder(folder)
+    trained = zoo.training_images(name)
+    if trained:
+        pool = pool.without(trained)
+    return split(pool, n_calib, n_eval, seed=seed)
+
+
+def fp32_pass_seconds(gm: fx.GraphModule, images: list[torch.Tensor]) -> float:
+    """One forward + backward pass of the FP32 graph over the calibration images (the floor of a Hessian search)."""
+    start = time.perf_counter()
+    for x in images:
+        x = x.clone().requires_grad_(True)
+        logits = gm(x)
+        F.cross_entropy(logits, logits.detach().argmax(1), reduction="sum").backward()
+    return time.perf_counter() - start
+
+
+def _with_ci(acc_dict: dict) -> dict:
+    """Adds the 95% interval of the paired top-1 agreement (the paired comparison with FP32)."""
+    if acc_dict.get("agreement") is not None:
+        n = acc_dict["n"]
+        acc_dict["agreement_ci95"] = wilson_interval(round(acc_dict["agreement"] * n / 100), n)
+    return acc_dict
+
+
+def accuracy_tables(hg: HybridGraph, calib_loader: Iterable, eval_loader: Iterable, bits: Sequence[int] = (8, 6),
+                    rows: Sequence[Variant] | None = None, progress: bool = False,
+                    on_bits: Callable[[dict], None] | None = None) -> dict:
+    """FP32 and each variant at each W{b}A{b}: top-1/top-5 with 95% intervals, agreement, KL, plan time."""
+    rows = list(rows) if rows is not None else variants()
+    floor = fp32_pass_seconds(hg.gm, calibration_images(calib_loader))
+    out: dict = {"fp32_pass_seconds": round(floor, 2), "bits": {}}
+    eval_loader = list(eval_loader)  # decode the images once for every model
+    for b in bits:
+        plans, seconds = {}, {}
+        for v in rows:
+            _log(f"W{b}A{b} {v.label} ...")
+            start = time.perf_counter()
+            plans[v.label] = get_recipe(v.recipe)(hg, calib_loader, w_bits=b, a_bits=b, progress=progress,
+                                                  **v.options)
+            seconds[v.label] = time.perf_counter() - start
+            _log(f"    {seconds[v.label]:.0f} s, {plans[v.label].summary()}")
+        results = compare(hg.gm, {label: hyfx.quantize(hg, plan) for label, plan in plans.items()}, eval_loader,
+                          progress=progress)
+        fp32 = results["fp32"]
+        table = {"fp32": {**fp32.to_dict(), "drop_top1": 0.0, "table": "fp32"}}
+        for v in rows:
+            acc = results[v.label]
+            table[v.label] = _with_ci({**acc.to_dict(), "drop_top1": round(fp32.top1 - acc.top1, 2),
+                                       "plan_seconds": round(seconds[v.label], 1),
+                                       "plan_vs_fp32_pass": round(seconds[v.label] / floor, 1), "table": v.table})
+        out["bits"][str(b)] = table
+        if on_bits is not None:
+            on_bits(out)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- ONNX Runtime
+
+
+def _ort_plan(hg: HybridGraph, recipe: str, loader: Iterable):
+    fn = get_recipe(recipe)
+    options = {"target": "ort"} if "target" in inspect.signature(fn).parameters else {}
+    return fn(hg, loader, progress=False, **options)
+
+
+def ort_models(hg: HybridGraph, calib_loader: Iterable, work: Path, recipes: Sequence[str] = ORT_RECIPES,
+               stem: str = "model") -> tuple[dict[str, Path], dict[str, str]]:
+    """ONNX files to time: ORT FP32, ORT quantize_static (QDQ and QOperator), hyfx int8 per recipe.
+
+    A format ORT's own tool cannot produce (or produces invalid) is a result: it lands in the notes.
+    """
+    from hyfx.backends import ort as hort
+
+    loader = list(calib_loader)
+    paths: dict[str, Path] = {}
+    notes: dict[str, str] = {}
+    start = time.perf_counter()
+    paths["ort fp32"] = work / f"{stem}_fp32.onnx"
+    onnx.save(hort.fp32_model(hg), str(paths["ort fp32"]))
+    _log(f"FP32 export {time.perf_counter() - start:.0f} s")
+    fp32 = onnx.load(str(paths["ort fp32"]))
+    shape = hg.gm.meta["hyfx_example_shape"]
+    for fmt in ("qdq", "qoperator"):
+        key = f"ort quantize_static {fmt}"
+        try:
+            path = hort.ort_quantize_static(fp32, loader, work / f"{stem}_qs_{fmt}.onnx", quant_format=fmt)
+            hort.run(hort.session(path), torch.zeros(1, *shape[1:]))  # an invalid graph fails here
+            paths[key] = path
+        except Exception as exc:  # noqa: BLE001 - ORT's own tool failing is a result to report
+            notes[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+            _log(f"{key} failed: {notes[key]}")
+    for recipe in recipes:
+        start = time.perf_counter()
+        plan = _ort_plan(hg, recipe, loader)
+        key = f"hyfx int8 {recipe}"
+        paths[key] = work / f"{stem}_hyfx_{recipe}.onnx"
+        info = hort.compile_cpu(hg, plan, loader, path=paths[key]).info
+        notes[key] = (f"{len(info.int8_layers)} layers int8, {len(info.fp32_layers)} FP32, {info.weight_bits}-bit "
+                      f"weights, threshold {info.threshold}")
+        _log(f"hyfx {recipe} compiled in {time.perf_counter() - start:.0f} s ({notes[key]})")
+    return paths, notes
+
+
+def time_models(paths: dict[str, Path], input_size: Sequence[int], batches: Sequence[int] = (1, 8),
+                threads: int = 2, runs: int = 30, cpu_time: bool = False) -> dict:
+    """Median latency of every model, all sessions interleaved run by run; ratios to ORT FP32 and to the
+    faster valid quantize_static from the same loop; file bytes."""
+    from hyfx.backends import ort as hort
+
+    out: dict[str, dict] = {k: {"bytes": Path(p).stat().st_size} for k, p in paths.items()}
+    for batch in batches:
+        inputs = np.random.default_rng(0).standard_normal((batch, *input_size)).astype(np.float32)
+        sessions = {k: hort.session(p, threads) for k, p in paths.items()}
+        for k, v in hort.time_sessions(sessions, inputs, runs=runs, warmup=5).items():
+            out[k][f"bs{batch}_ms"] = hort.median(v) * 1000
+    if cpu_time:
+        inputs = np.random.default_rng(0).standard_normal((1, *input_size)).astype(np.float32)
+        sessions = {k: hort.session(p, 1) for k, p in paths.items()}
+        for k, v in hort.time_sessions(sessions, inputs, runs=runs, warmup=3, clock=time.thread_time).items():
+            out[k]["bs1_cpu1_ms"] = hort.median(v) * 1000
+    metrics = [f"bs{b}_ms" for b in batches] + (["bs1_cpu1_ms"] if cpu_time else [])
+    for metric in metrics:
+        base = out["ort fp32"][metric]
+        best_qs = min((v[metric] for k, v in out.items() if k.startswith("ort quantize_static") and metric in v),
+                      default=None)
+        for v in out.values():
+            if metric in v:
+                v[f"{metric[:-3]}_x_fp32"] = base / v[metric]
+                if best_qs is not None:
+                    v[f"{metric[:-3]}_x_qs"] = best_qs / v[metric]
+    return out
+
+
+def ort_accuracy(paths: dict[str, Path], eval_loader: Iterable, threads: int = 2) -> dict:
+    """top-1 / top-5 / agreement with ORT FP32 of each ONNX model on the evaluation images."""
+    from hyfx.backends import ort as hort
+
+    loader = list(eval_loader)
+    labels = torch.cat([torch.as_tensor(t) for _, t in loader])
+    preds = {k: Predictions(torch.cat([torch.from_numpy(hort.run(hort.session(p, threads), x)) for x, _ in loader]),
+                            labels) for k, p in paths.items()}
+    base = preds["ort fp32"]
+    return {k: _with_ci(accuracy(p, None if k == "ort fp32" else base).to_dict()) for k, p in preds.items()}
+
+
+def ort_latency(hg: HybridGraph, calib_loader: Iterable, eval_loader: Iterable | None = None,
+                recipes: Sequence[str] = ORT_RECIPES, batches: Sequence[int] = (1, 8), threads: int = 2,
+                runs: int = 30, stem: str = "model") -> dict:
+    """ort_models → time_models (→ ort_accuracy when evaluation images are given), in a scratch folder."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths, notes = ort_models(hg, calib_loader, Path(tmp), recipes, stem)
+        shape = hg.gm.meta["hyfx_example_shape"]
+        out = {"timings": time_models(paths, shape[1:], batches, threads, runs), "notes": notes,
+               "threads": threads, "runs": runs, "batches": list(batches)}
+        if eval_loader is not None:
+            out["accuracy"] = ort_accuracy(paths, eval_loader, threads)
+    return out
+
+
+def environment(threads: int) -> dict:
+    import onnxruntime
+
+    from hyfx.backends.ort import cpu_has_vnni
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "vnni": cpu_has_vnni()}
+
+
+# ---------------------------------------------------------------------------------------------- one model
+
+
+def bench_model(name: str, checkpoint: str | None = None, pretrained: bool = False, folder: str | Path | None = None,
+                n_calib: int = 32, n_eval: int | None = None, seed: int = 0, bits: Sequence[int] = (8, 6),
+                rows: Sequence[Variant] | None = None, latency: bool = True, ort_recipes: Sequence[str] = ORT_RECIPES,
+                runs: int = 30,
+                batches: Sequence[int] = (1, 8), threads: int = 2, progress: bool = False,
+                on_update: Callable[[dict], None] | None = None) -> dict:
+    """Everything `hyfx bench` reports for one model, as a JSON-ready dict."""
+    start = time.perf_counter()
+    model = zoo.create(name, checkpoint=checkpoint, pretrained=pretrained)
+    real = zoo.is_real_weights(name) or checkpoint is not None or pretrained
+    config = data_config(model)
+    hg = hyfx.analyze(hyfx.capture(model, example_input(config)))
+    calib, evaluation = bench_images(name, folder, n_calib, n_eval, seed)
+    calib_loader = make_loader(calib, config, 16)
+    eval_loader = make_loader(evaluation, config, 50)
+    result: dict = {"model": name, "checkpoint": checkpoint, "real_weights": real, "seed": seed,
+                    "images": {"calibration": len(calib), "evaluation": len(evaluation),
+                               "excluded_training": len(zoo.training_images(name))},
+                    "environment": environment(threads)}
+
+    def update() -> None:
+        if on_update is not None:
+            on_update(result)
+
+    if real:
+        _log(f"{name}: accuracy on {len(evaluation)} images, {len(calib)} calibration images")
+        def on_bits(tables: dict) -> None:  # each finished bit-width lands in the saved result at once
+            result["accuracy"] = tables
+            update()
+
+        result["accuracy"] = accuracy_tables(hg, calib_loader, eval_loader, bits, rows, progress, on_bits)
+    else:
+        _log(f"{name}: random weights — accuracy skipped (meaningless), latency only")
+    update()
+    if latency:
+        _log(f"{name}: ONNX Runtime latency, {runs} runs per batch size")
+        result["ort"] = ort_latency(hg, list(make_loader(calib, config, 8)), eval_loader if real else None,
+                                    recipes=ort_recipes, batches=batches, threads=threads, runs=runs, stem=name)
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    update()
+    return result
