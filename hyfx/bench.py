@@ -170,7 +170,7 @@ def ort_models(hg: HybridGraph, calib_loader: Iterable, work: Path, recipes: Seq
         paths[key] = work / f"{stem}_hyfx_{recipe}.onnx"
         info = hort.compile_cpu(hg, plan, loader, path=paths[key]).info
         notes[key] = (f"{len(info.int8_layers)} layers int8, {len(info.fp32_layers)} FP32, {info.weight_bits}-bit "
-                      f"weights, threshold {info.threshold}")
+                      f"weights ({len(info.uint8_weight_layers)} layers 8-bit u8u8), threshold {info.threshold}")
         _log(f"hyfx {recipe} compiled in {time.perf_counter() - start:.0f} s ({notes[key]})")
     return paths, notes
 

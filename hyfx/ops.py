@@ -6,6 +6,7 @@ method names, and leaf modules. Every pass asks these tables rather than matchin
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -106,6 +107,18 @@ def weight_arg(node: fx.Node) -> fx.Node | None:
     if isinstance(weight, fx.Node) and weight.op == "get_attr":
         return weight
     return None
+
+
+def is_depthwise(node: fx.Node, gm: fx.GraphModule) -> bool:
+    """A convolution with one input and one output channel per group (weight (C, 1, kh, kw) on C channels):
+    int8 runtimes run it with a direct kernel rather than a GEMM."""
+    weight = weight_arg(node)
+    x = node.args[0] if node.args else None
+    if weight is None or not isinstance(x, fx.Node):
+        return False
+    shape = tuple(functools.reduce(getattr, weight.target.split("."), gm).shape)
+    in_shape = node_shape(x)
+    return len(shape) == 4 and shape[1] == 1 and in_shape is not None and len(in_shape) == 4 and in_shape[1] == shape[0]
 
 
 def module_stack(node: fx.Node) -> list[tuple[str, str]]:

@@ -16,6 +16,8 @@ from hyfx.backends import onnx_qdq
 from hyfx.backends import ort as hort
 from hyfx.backends import tensorrt as htrt
 from hyfx.data import data_config, example_input, make_loader, split
+from hyfx.ops import is_depthwise
+from hyfx.quant.quantizers import fake_quant
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
 
 
@@ -53,12 +55,14 @@ def tiny():
     return model, gm, calib
 
 
-def _qdq_model(zero_point: int, dtype: int = TensorProto.INT8, weight_scales: int = 4, axis: int = 0) -> onnx.ModelProto:
+def _qdq_model(zero_point: int, dtype: int = TensorProto.INT8, weight_scales: int = 4, axis: int = 0,
+               weight_zero_points: list[int] | None = None) -> onnx.ModelProto:
     """x → Q → DQ → Conv(DQ(int8 weight)) with the given activation zero point and weight quantization."""
     w = np.ones((4, 3, 1, 1), np.int8)
+    wz = np.array(weight_zero_points or [0] * weight_scales, np.int8)
     inits = [numpy_helper.from_array(np.array(0.1, np.float32), "s"), helper.make_tensor("z", dtype, [], [zero_point]),
              numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.full(weight_scales, 0.01, np.float32), "ws"),
-             numpy_helper.from_array(np.zeros(weight_scales, np.int8), "wz")]
+             numpy_helper.from_array(wz, "wz")]
     nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"], name="act/QuantizeLinear"),
              helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"], name="act/DequantizeLinear"),
              helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], name="conv/weight/DequantizeLinear",
@@ -80,6 +84,10 @@ def test_checker_rejects_nonzero_zero_point_for_tensorrt():
         onnx_qdq.check_qdq(_qdq_model(0, weight_scales=1), "tensorrt")
     with pytest.raises(hyfx.HyfxError, match="axis 1 is not the output-channel axis 0"):
         onnx_qdq.check_qdq(_qdq_model(0, weight_scales=3, axis=1), "ort")
+    # ORT's QLinearConv takes one weight zero point for all channels (onnxruntime#8890)
+    assert onnx_qdq.check_qdq(_qdq_model(0, weight_zero_points=[2, 2, 2, 2]), "ort")["weights"] == 1
+    with pytest.raises(hyfx.HyfxError, match="conv/weight/DequantizeLinear: per-channel weight zero points differ"):
+        onnx_qdq.check_qdq(_qdq_model(0, weight_zero_points=[0, 5, 0, 0]), "ort")
 
 
 def test_plan_checker_names_the_layer():
@@ -91,6 +99,9 @@ def test_plan_checker_names_the_layer():
     per_tensor = QuantPlan("synthetic", {"fc": LayerPolicy(weight=QuantSpec(granularity="tensor"))})
     with pytest.raises(hyfx.HyfxError, match="fc .*per output channel"):
         onnx_qdq.check_plan(per_tensor, "tensorrt")
+    asym_channel = QuantPlan("synthetic", {"fc": LayerPolicy(weight=QuantSpec(granularity="channel", scheme="asymmetric"))})
+    with pytest.raises(hyfx.HyfxError, match="fc .*per-channel weights only with one zero point"):
+        onnx_qdq.check_plan(asym_channel, "ort")
     four_bit = QuantPlan("synthetic", {"fc": LayerPolicy(weight=QuantSpec(bits=4, granularity="channel"))})
     with pytest.raises(hyfx.HyfxError, match="int8 only, not 4-bit"):
         onnx_qdq.check_plan(four_bit, "tensorrt")
@@ -108,6 +119,76 @@ def test_fold_batchnorm_keeps_outputs(tiny):
     assert not any(n.target is torch.ops.aten.batch_norm.default for n in folded.graph.nodes)
     with torch.no_grad():
         torch.testing.assert_close(folded(calib[0]), hg.gm(calib[0]), rtol=1e-4, atol=1e-5)
+
+
+def _searched_weight(weight: torch.Tensor, bits: int, factor: float = 0.8) -> QuantSpec:
+    """A symmetric per-channel weight spec as a search calibrates it: factor × the min-max scale."""
+    amax = weight.detach().reshape(weight.shape[0], -1).abs().amax(1)
+    spec = QuantSpec(bits=bits, granularity="channel", scheme="symmetric", axis=0)
+    return spec.with_params((amax * factor / spec.qmax).tolist(), [0] * weight.shape[0])
+
+
+def test_folded_weight_spec_quantizes_exactly_as_before_folding(tiny):
+    model, gm, calib = tiny
+    folded, layers = onnx_qdq.fold_batchnorm(hyfx.analyze(gm).gm)
+    factor = folded.meta["hyfx_bn_factors"]["conv1"]
+    spec = _searched_weight(model.conv1.weight, 7)
+    carried = onnx_qdq.folded_weight_spec(spec, factor)
+    w = model.conv1.weight.detach()
+    k = factor.reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(fake_quant(w * k, carried), k * fake_quant(w, spec), rtol=1e-5, atol=1e-7)
+    per_tensor = QuantSpec(bits=7, scheme="symmetric").with_params([0.01], [0])  # becomes per channel
+    assert onnx_qdq.folded_weight_spec(per_tensor, factor).granularity == "channel"
+    assert onnx_qdq.folded_weight_spec(QuantSpec(scheme="asymmetric").with_params([0.1], [3]), factor) is None
+    plan = hyfx.recipes.minmax(gm, calib, w_bits=7, progress=False)
+    plan.layers["conv1"] = LayerPolicy(weight=spec, inputs=plan.layers["conv2"].inputs)
+    assert "conv1" not in hyfx.export(gm, plan, target="ort").report.reweighted  # the searched scales are kept
+
+
+class ConvRelu6(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(16)
+        self.conv2 = torch.nn.Conv2d(16, 8, 1)
+        self.bn1.running_var.uniform_(0.5, 2.0)
+        self.bn1.weight.data.uniform_(-1.5, 1.5)  # negative factors too: the carried scale takes |k|
+
+    def forward(self, x):
+        return self.conv2(torch.nn.functional.relu6(self.bn1(self.conv1(x))))
+
+
+def test_cpu_lowering_keeps_searched_specs_and_still_fuses(monkeypatch):
+    """A searched plan lowers as searched: its symmetric weights (through BatchNorm folding), its symmetric
+    inputs as uint8 with zero point 128 (what the u8s8 kernels run), and a ReLU6 output range searched past 6
+    fitted into [0, 6] so ORT still folds the clamp into QLinearConv (else the conv stays float)."""
+    torch.manual_seed(0)
+    model = ConvRelu6().eval()
+    calib = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    gm = hyfx.capture(model, calib[0][:1])
+    bits = hort.cpu_weight_bits()
+    plan = QuantPlan("searched", {
+        "conv1": LayerPolicy(weight=_searched_weight(model.conv1.weight, bits),
+                             inputs={0: QuantSpec(scheme="symmetric").with_params([0.03], [0])}),
+        "conv2": LayerPolicy(weight=_searched_weight(model.conv2.weight, bits, 0.9),
+                             inputs={0: QuantSpec(scheme="asymmetric").with_params([1.15 * 6 / 255], [0])})})
+    full, hg, _ = hort.cpu_plan(gm, plan, calib)
+    assert full.layers["conv1"].inputs[0].zero_point == (128,) and full.layers["conv1"].inputs[0].scale == (0.03,)
+    factor = hg.gm.meta["hyfx_bn_factors"]["conv1"]
+    assert full.layers["conv1"].weight.scale == pytest.approx((torch.tensor(plan.layers["conv1"].weight.scale)
+                                                               * factor.abs()).tolist())
+    assert full.layers["conv2"].weight.scale == plan.layers["conv2"].weight.scale  # no BN: as searched
+    act = next(p.output for name, p in full.layers.items() if name not in ("conv1", "conv2") and p.output)
+    assert act.zero_point == (0,) and 255 * np.float32(act.scale[0]) <= np.float32(6.0)
+    assert full.layers["conv2"].inputs[0] == act  # one set of parameters per tensor
+    lowered = hyfx.export(hg, full, target="ort")
+    fused = [n.op_type for n in onnx.load_from_string(_optimized(lowered.model)).graph.node]
+    assert fused.count("QLinearConv") == 2 and "Clip" not in fused and "FusedConv" not in fused, fused
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        want = lowered.reference(x).numpy()
+    got = hort.run(hort.session(lowered.model), x)
+    assert np.abs(got - want).max() < 0.05 * np.abs(want).max()
 
 
 def test_tiny_export_matches_pytorch(tiny, tmp_path):
@@ -179,7 +260,15 @@ def test_cpu_int8_lowering_runs_int8_kernels(tiny):
     assert any(layer.endswith(".sigmoid") for layer in full.layers)
     lowered = hyfx.export(hort.cpu_graph(gm), full, target="ort")
     weights = [numpy_helper.to_array(t) for t in lowered.model.graph.initializer if "_quantized" in t.name]
-    assert len(weights) == 4 and max(int(np.abs(w.astype(np.int32)).max()) for w in weights) == 2 ** (info.weight_bits - 1) - 1
+    signed = [w for w in weights if w.dtype == np.int8]
+    assert len(weights) == 4 and max(int(np.abs(w.astype(np.int32)).max()) for w in signed) == 2 ** (info.weight_bits - 1) - 1
+    # the transformer layers keep 8-bit weights: uint8 around zero point 128 (u8u8 kernels) where GEMMs need 7 bits
+    exact = hort.exact_weight_layers(hort.cpu_graph(gm))
+    assert set(exact) == {"conv2", "qkv"}  # the bridge conv and the attention projection
+    assert full.meta["ort"]["uint8_weights"] == (sorted(exact) if info.weight_bits < 8 else [])
+    unsigned = [w for w in weights if w.dtype == np.uint8]
+    assert len(unsigned) == len(full.meta["ort"]["uint8_weights"])
+    assert all(int(np.abs(w.astype(np.int32) - 128).max()) == 127 for w in unsigned)
     fused = {n.op_type for n in onnx.load_from_string(_optimized(lowered.model)).graph.node}
     assert {"QLinearConv", "QLinearSigmoid", "QLinearMul"} <= fused
     x = torch.randn(8, 3, 12, 12)
@@ -261,3 +350,48 @@ def test_cli_export_tensorrt(capsys, tmp_path, sample_images):
     # real-weight parity test checks agreement); a wrong scale or layout moves logits by their whole range
     assert data["target"] == "tensorrt" and data["parity"]["n"] == 20 and data["parity"]["max_abs_diff"] < 0.3
     onnx_qdq.check_qdq(onnx.load(str(out)), "tensorrt")
+
+
+def _int8_conv_error(groups: int, channels: int, kernel: int, out_scale: float, uint8_weights: bool = False) -> float:
+    """Max |ORT int8 kernel − exact| for a conv with all-127 weights on uint8 inputs ≥ 200 (worst case for
+    16-bit pair sums), through QLinearConv (fused) against the unfused Q/DQ graph."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    w = np.full((channels, channels // groups, kernel, kernel), 127, np.int8)
+    x = rng.integers(200, 256, size=(1, channels, 6, 6)).astype(np.uint8)
+    weight = numpy_helper.from_array((w.astype(np.int32) + 128).astype(np.uint8) if uint8_weights else w, "w")
+    zero = np.full(channels, 128, np.uint8) if uint8_weights else np.zeros(channels, np.int8)
+    inits = [numpy_helper.from_array(np.array(1.0, np.float32), "xs"), numpy_helper.from_array(np.array(0, np.uint8), "xz"),
+             weight, numpy_helper.from_array(np.ones(channels, np.float32), "ws"), numpy_helper.from_array(zero, "wz"),
+             numpy_helper.from_array(np.array(out_scale, np.float32), "ys"),
+             numpy_helper.from_array(np.array(128, np.uint8), "yz")]
+    nodes = [helper.make_node("DequantizeLinear", ["x", "xs", "xz"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "ws", "wz"], ["wd"], axis=0),
+             helper.make_node("Conv", ["xd", "wd"], ["y"], group=groups, pads=[kernel // 2] * 4),
+             helper.make_node("QuantizeLinear", ["y", "ys", "yz"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "ys", "yz"], ["out"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.UINT8, x.shape)],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 19)]).SerializeToString()
+    assert "QLinearConv" in {n.op_type for n in onnx.load_from_string(_optimized(onnx.load_from_string(model))).graph.node}
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    fused = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    exact = ort.InferenceSession(model, plain, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    return float(np.abs(fused - exact).max())
+
+
+def test_cpu_weight_bits_match_what_the_int8_kernels_run_exactly():
+    """The premises of cpu_weight_bits / exact_weight_layers, checked on this machine's ORT: depthwise convs
+    and uint8 (u8u8) weights are exact with 8-bit weights; a 1x1 conv's u8s8 GEMM saturates without VNNI."""
+    assert _int8_conv_error(groups=8, channels=8, kernel=3, out_scale=1200) == 0  # depthwise: 32-bit sums
+    assert _int8_conv_error(groups=1, channels=4, kernel=1, out_scale=600, uint8_weights=True) == 0
+    if not hort.cpu_has_vnni():
+        assert _int8_conv_error(groups=1, channels=4, kernel=1, out_scale=600) > 600  # VPMADDUBSW saturates
+    assert hort.cpu_weight_bits(depthwise=True) == 8
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                                torch.nn.Conv2d(8, 8, 3, padding=1, groups=4)).eval()
+    gm = hyfx.capture(model, torch.randn(1, 3, 8, 8))
+    convs = [n for n in gm.graph.nodes if n.op == "call_function" and "conv" in str(n.target)]
+    assert [is_depthwise(n, gm) for n in convs] == [False, True, False]

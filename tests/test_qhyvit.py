@@ -14,9 +14,10 @@ from torch import nn
 import hyfx
 from hyfx import zoo
 from hyfx.errors import HyfxError
+from hyfx.ops import is_depthwise
 from hyfx.quant.quantizers import fake_quant
 from hyfx.quant.spec import QuantSpec
-from hyfx.quant.targets import check_plan_target
+from hyfx.quant.targets import check_plan_target, cpu_weight_bits, exact_weight_layers, target_rules
 from hyfx.recipes.problems import Chain, ChainProblem, ConvLinearProblem, RowsProblem, Side, chain_nodes, uniform_spec
 from hyfx.recipes.reconstruct import _kind
 from hyfx.recipes.sampling import Request, sample_layers
@@ -232,9 +233,30 @@ def test_ort_target_uses_asymmetric_per_tensor_activations_and_fake_uses_everyth
     check_plan_target(plans["ort"], "ort")
     with pytest.raises(HyfxError, match="tensorrt cannot run"):
         check_plan_target(plans["ort"], "tensorrt")
+    # weights in the format ORT's CPU kernels run here: symmetric (QLinearConv takes one weight zero point),
+    # at the bits they run exactly (7 without VNNI), so the int8 lowering keeps the searched scales
+    weights = {layer: spec for layer, role, spec in plans["ort"].specs() if role == "weight"}
+    exact = set(exact_weight_layers(hg))  # the lowering keeps these 8-bit (u8u8 kernels without VNNI)
+    assert exact and set(weights) - exact
+    eight = exact | {layer for layer in weights if is_depthwise(hg.node(layer), hg.gm)}  # depthwise: 32-bit sums
+    wrong = {layer: s.short() for layer, s in weights.items()
+             if not (s.scheme == "symmetric" and s.calibrated and s.bits == (8 if layer in eight else cpu_weight_bits()))}
+    assert not wrong
+    assert plans["ort"].meta["searched_weight_bits"] == {"gemm": cpu_weight_bits(), "depthwise and exact": 8}
     fake = plans["fake"]
     assert fake.meta["space"]["input"] == {"granularity": ["tensor", "channel"], "scheme": ["symmetric", "asymmetric"]}
     assert {s.scheme for _, _, s in fake.specs()} == {"symmetric", "asymmetric"}
+
+
+def test_ort_rules_take_narrower_weights_but_no_per_channel_zero_points():
+    rules = target_rules("ort")
+    seven = QuantSpec(bits=7, granularity="channel", scheme="symmetric")
+    assert rules.violation(seven, "weight") is None
+    assert "runs int8 only" in rules.violation(QuantSpec(bits=7, scheme="asymmetric"), "input0")
+    assert "per-channel asymmetric weight" in rules.violation(QuantSpec(granularity="channel", scheme="asymmetric"),
+                                                               "weight")
+    assert rules.violation(QuantSpec(granularity="tensor", scheme="asymmetric"), "weight") is None
+    assert "runs int8 only" in target_rules("tensorrt").violation(seven, "weight")
 
 
 def test_bridge_layers_are_scored_at_the_bridge_block_output(tiny):

@@ -61,7 +61,8 @@ def export_command(args: argparse.Namespace, gm, config: dict, pool_of) -> int:
                               log2_mode=args.log2_mode)
         result, info = cpu.export, cpu.info
         print(f"CPU int8 lowering: {len(info.int8_layers)} layers int8, {len(info.fp32_layers)} left FP32 "
-              f"(int8 not faster here), {info.weight_bits}-bit weights ({'VNNI' if info.vnni else 'no VNNI'})")
+              f"(int8 not faster here), {info.weight_bits}-bit weights ({'VNNI' if info.vnni else 'no VNNI'}; "
+              f"8-bit in depthwise convs and {len(info.uint8_weight_layers)} transformer / bridge layers)")
     else:
         result = onnx_qdq.export(gm, plan, args.out, target=args.target, log2_mode=args.log2_mode,
                                  fold_bn=not args.no_fold_bn, symmetric=args.symmetric)

@@ -51,7 +51,8 @@ def check_plan(plan: QuantPlan, target: str) -> None:
     """Raise HyfxError naming the first layer whose spec the target cannot run.
 
     tensorrt: uniform specs must be 8-bit symmetric (zero point 0), weights per output channel (axis 0),
-    activations per tensor. ort: activations per tensor (ONNX Runtime's int8 kernels take one scale).
+    activations per tensor. ort: activations per tensor (ONNX Runtime's int8 kernels take one scale), per-channel
+    weights symmetric (QLinearConv takes one weight zero point for all channels).
     log2 specs are lowered as float ops (or approximated), so every target accepts them.
     """
     if target not in TARGETS:
@@ -62,6 +63,10 @@ def check_plan(plan: QuantPlan, target: str) -> None:
         where = f"plan entry {layer} ({role}, {spec.short()})"
         if role != "weight" and spec.granularity != "tensor":
             raise HyfxError(f"{where}: activations must be quantized per tensor for {target}")
+        if target == "ort" and role == "weight" and spec.granularity == "channel" and spec.scheme != "symmetric" and \
+                (not spec.calibrated or len(set(spec.zero_point)) > 1):
+            raise HyfxError(f"{where}: ONNX Runtime's int8 conv takes per-channel weights only with one zero point; "
+                            "quantize weights symmetrically (e.g. the recipe's --target ort)")
         if target != "tensorrt":
             continue
         if spec.bits != 8:
@@ -134,6 +139,9 @@ def check_qdq(model: onnx.ModelProto, target: str) -> dict:
                 if scale.size > 1 and axis % rank != expected % rank:
                     raise HyfxError(f"node {node.name}: per-channel weight axis {axis} is not the output-channel "
                                     f"axis {expected % rank} of {consumer.op_type} {consumer.name}")
+                if target == "ort" and zp_values.size > 1 and np.any(zp_values != zp_values.reshape(-1)[0]):
+                    raise HyfxError(f"node {node.name}: per-channel weight zero points differ; ONNX Runtime's "
+                                    f"{consumer.op_type} needs one zero point for all channels")
                 if target == "tensorrt" and scale.size == 1 and inits[node.input[0]].dims[expected] > 1:
                     raise HyfxError(f"node {node.name}: TensorRT weights must be quantized per output channel")
         elif node.op_type == "QuantizeLinear":
@@ -154,10 +162,12 @@ def fold_batchnorm(gm: fx.GraphModule, keep: set[str] = frozenset()) -> tuple[fx
     """A copy of `gm` with each eval-mode BatchNorm that directly follows a convolution folded into its weights.
 
     Returns the new graph and the layer names of the convolutions whose weights changed. BN nodes whose
-    layer name is in `keep` (a plan quantizes them) stay.
+    layer name is in `keep` (a plan quantizes them) stay. The per-output-channel factor each folded weight
+    was multiplied by is kept in `gm.meta["hyfx_bn_factors"]` (layer → tensor), for `folded_plan`.
     """
     gm = copy.deepcopy(gm)
     folded = []
+    factors: dict[str, torch.Tensor] = gm.meta.setdefault("hyfx_bn_factors", {})
     for bn in list(gm.graph.nodes):
         if bn.op != "call_function" or bn.target is not aten.batch_norm.default:
             continue
@@ -192,6 +202,7 @@ def fold_batchnorm(gm: fx.GraphModule, keep: set[str] = frozenset()) -> tuple[fx
         bn.replace_all_uses_with(conv)
         gm.graph.erase_node(bn)
         folded.append(conv.meta.get("hyfx", {}).get("name", conv.name))
+        factors[folded[-1]] = factor.clone()
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
@@ -205,16 +216,41 @@ def _attr(module: torch.nn.Module, target: str) -> torch.Tensor:
     return obj
 
 
-def folded_plan(plan: QuantPlan, folded_layers: list[str]) -> tuple[QuantPlan, list[str]]:
-    """The plan with the weight specs of folded convolutions uncalibrated (min-max again on folded weights)."""
+def folded_weight_spec(spec: QuantSpec, factor: torch.Tensor) -> QuantSpec | None:
+    """The spec that quantizes a folded weight w·k (k per output channel) to exactly k times `spec`'s
+    quantization of w, or None where there is none (uncalibrated, asymmetric or non-uniform specs).
+
+    Symmetric rounding commutes with a per-channel factor: round(w·k / (s·|k|)) = sign(k)·round(w / s).
+    """
+    if spec.kind != "uniform" or spec.scheme != "symmetric" or not spec.calibrated or \
+            (spec.granularity == "channel" and (spec.axis != 0 or len(spec.scale) != factor.numel())):
+        return None
+    scale = torch.tensor(spec.scale, dtype=torch.float64).expand(factor.numel())
+    k = factor.detach().double().abs()
+    folded = torch.where(k > 0, scale * k, scale)  # a zeroed channel quantizes to 0 with any scale
+    return QuantSpec(bits=spec.bits, granularity="channel", scheme="symmetric", axis=0).with_params(
+        folded.tolist(), [0] * factor.numel())
+
+
+def folded_plan(plan: QuantPlan, folded_layers: list[str], factors: dict[str, torch.Tensor] | None = None
+                ) -> tuple[QuantPlan, list[str]]:
+    """The plan for the BatchNorm-folded graph: a symmetric calibrated weight spec is carried over exactly
+    (`folded_weight_spec`, with the fold `factors`); any other weight spec of a folded convolution is
+    uncalibrated (min-max again on the folded weights) and its layer listed as redone."""
     plan = copy.deepcopy(plan)
+    factors = factors or {}
     redone = []
     for layer in folded_layers:
         policy = plan.layers.get(layer)
-        if policy is not None and policy.weight is not None:
-            if policy.weight.calibrated:
-                redone.append(layer)
-            policy.weight = policy.weight.uncalibrated()
+        if policy is None or policy.weight is None:
+            continue
+        carried = folded_weight_spec(policy.weight, factors[layer]) if layer in factors else None
+        if carried is not None:
+            policy.weight = carried
+            continue
+        if policy.weight.calibrated:
+            redone.append(layer)
+        policy.weight = policy.weight.uncalibrated()
     return plan, redone
 
 
@@ -744,7 +780,7 @@ def prepare(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, fold_bn: bool = T
     graph, folded = hg.gm, []
     if fold_bn:
         graph, folded = fold_batchnorm(hg.gm, keep=set(plan.layers))
-    applied, redone = folded_plan(plan, folded)
+    applied, redone = folded_plan(plan, folded, graph.meta.get("hyfx_bn_factors"))
     return insert_quant(graph, applied), applied, folded, redone
 
 

@@ -13,6 +13,10 @@ The int8 lowering (`cpu_plan`, `compile_cpu`) turns a recipe's plan into a model
 - Without AVX-VNNI, MLAS's u8s8 and s8s8 kernels multiply with VPMADDUBSW, whose 16-bit pair sums saturate
   for 8-bit weights (measured here: whole-range output errors on a 1x1 conv, u8u8 exact but ~20% slower);
   7-bit weights (|w| ≤ 63) cannot saturate (255·63·2 < 2^15) and keep the fast u8s8 kernel: the default there.
+  Depthwise convolutions run a direct kernel with 32-bit sums and keep 8-bit weights (`cpu_weight_bits`).
+- A recipe's searched specs are lowered as searched: symmetric weights (through BatchNorm folding, exactly),
+  activation ranges, and symmetric int8 activations as uint8 with zero point 128 (no s8s8 kernels or
+  conversions); a ReLU-like op's searched output range is fitted inside its clamp, which ORT then folds away.
 - Which layers run int8: the layer latency table times each layer's int8 island against FP32 at its shape;
   `compile_cpu` keeps the layers above a speedup threshold and picks the threshold by timing whole candidate
   models (layout changes between int8 NHWC and FP32 NCHWc convs cost more than a table entry shows).
@@ -21,7 +25,6 @@ The int8 lowering (`cpu_plan`, `compile_cpu`) turns a recipe's plan into a model
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 import time
 from collections.abc import Iterable
@@ -37,9 +40,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from hyfx.evaluate import Predictions, accuracy
 from hyfx.graph import HybridGraph, analyze
-from hyfx.ops import CONV, LINEAR, MATMUL, node_shape
+from hyfx.ops import CONV, LINEAR, MATMUL, is_depthwise, node_shape
 from hyfx.quant.calibrate import batches
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
+from hyfx.quant.targets import cpu_has_vnni, cpu_weight_bits, exact_weight_layers
 from hyfx.recipes.common import calibrate_activations
 
 from . import onnx_qdq
@@ -49,15 +53,6 @@ DEFAULT_THREADS = 2
 
 
 # ---------------------------------------------------------------------------------------------- sessions
-
-
-def cpu_has_vnni() -> bool:
-    """Whether the CPU has AVX-VNNI / AVX512-VNNI (int8 dot products without 16-bit saturation)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine().lower() in ("arm64", "aarch64")  # ARM's int8 dot products do not saturate
-    return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
 def session(model: onnx.ModelProto | str | Path, threads: int = DEFAULT_THREADS,
@@ -306,14 +301,16 @@ class CpuPlanInfo:
     latency: dict[str, dict] = field(default_factory=dict)  # the layer latency table
     tuning: list[dict] = field(default_factory=list)  # whole-model timings of the candidate int8 sets
     threshold: float | None = None  # the chosen minimum island speedup
+    uint8_weight_layers: list[str] = field(default_factory=list)  # 8-bit weights run by u8u8 kernels (no VNNI)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 _SILU = (aten.silu.default, aten.silu_.default)
+_RELU6 = tuple(getattr(aten, name).default for name in ("relu6", "relu6_") if hasattr(aten, name))
 _RELU_LIKE = (aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default,
-              aten.clamp.default, aten.relu6.default if hasattr(aten, "relu6") else aten.relu.default)
+              aten.clamp.default, *_RELU6)
 _PASS_THROUGH = (aten.dropout.default, aten.clone.default, aten.alias.default, aten.split_with_sizes.default,
                  aten.split.Tensor, aten.chunk.default, aten.slice.Tensor)
 
@@ -390,14 +387,18 @@ def _candidates(hg: HybridGraph, plan: QuantPlan) -> list[str]:
 
 
 def _region_plan(hg: HybridGraph, plan: QuantPlan, layers: Iterable[str], weight_bits: int,
-                 specs: QuantPlan | None = None) -> tuple[QuantPlan, dict[fx.Node, str]]:
+                 specs: QuantPlan | None = None, depthwise_bits: int | None = None,
+                 exact: Iterable[str] = ()) -> tuple[QuantPlan, dict[fx.Node, str]]:
     """The int8 plan for a set of int8 layers: the layers, the ops grown between them, one spec per tensor.
 
     Specs come from `specs` (a calibrated plan over a superset of layers) by layer and role when given,
-    else from the recipe's calibrated ranges, else uncalibrated (min-max later).
+    else from the recipe's calibrated ranges, else uncalibrated (min-max later). Weights get `weight_bits`,
+    depthwise convs `depthwise_bits` (default: the same), `exact` layers 8-bit weights as uint8 (u8u8 kernels).
     """
+    exact = set(exact)
     int8: dict[fx.Node, str] = {hg.node(layer): "layer" for layer in layers}
     _grow_int8(hg, int8)
+    factors = hg.gm.meta.get("hyfx_bn_factors", {})
     recipe_specs: dict[fx.Node, QuantSpec] = {}  # source tensor → the recipe's calibrated range for it
     for layer, policy in plan.layers.items():
         node = hg.node(layer)
@@ -412,8 +413,15 @@ def _region_plan(hg: HybridGraph, plan: QuantPlan, layers: Iterable[str], weight
         known = specs.layers.get(name) if specs is not None else None
         policy = LayerPolicy()
         if role == "layer" and node.meta["hyfx"]["kind"] in (CONV, LINEAR):
-            bits = min(weight_bits, plan.layers[name].weight.bits)
-            policy.weight = QuantSpec(bits=bits, granularity="channel", scheme="symmetric", axis=0)
+            depthwise = depthwise_bits is not None and is_depthwise(node, hg.gm)
+            if known and known.weight:
+                policy.weight = known.weight
+            elif name in exact and not depthwise and weight_bits < 8:
+                weight = onnx_qdq._attr(hg.gm, node.args[1].target).detach()
+                policy.weight = _uint8_weight(_cpu_weight(plan.layers[name].weight, 8, factors.get(name)), weight)
+            else:
+                bits = depthwise_bits if depthwise else weight_bits
+                policy.weight = _cpu_weight(plan.layers[name].weight, bits, factors.get(name))
         # a clamp after an int8 conv rides on the conv's output quantizer (ORT drops it), so no Q in between
         for idx in (_tensor_args(node) if role not in ("cat", "act") else []):
             policy.inputs[idx] = known.inputs[idx] if known else recipe_specs.get(_source(node.args[idx]), activation)
@@ -433,7 +441,8 @@ def _region_plan(hg: HybridGraph, plan: QuantPlan, layers: Iterable[str], weight
 
 def cpu_plan(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: Iterable, weight_bits: int | None = None,
              layers: Iterable[str] | None = None, mse_weights: bool = False, max_batches: int | None = None,
-             progress: bool = False) -> tuple[QuantPlan, HybridGraph, int]:
+             progress: bool = False, exact_weights: Iterable[str] | None = None
+             ) -> tuple[QuantPlan, HybridGraph, int]:
     """A calibrated plan for ONNX Runtime int8 CPU execution derived from a recipe's plan.
 
     Returns (plan, the graph it applies to: `cpu_graph(gm)`, weight bits). `layers` (default: every conv /
@@ -443,16 +452,25 @@ def cpu_plan(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: It
     output quantizer and its consumers' input quantizers, so ORT sees Q→DQ pairs it can elide. The recipe's
     calibrated input ranges are reused, the others come from min-max over `calib_loader`. Weight-only recipe
     layers get activation quantizers too (int8 kernels need both); log2 post-softmax quantizers are kept.
+    `weight_bits` (default `cpu_weight_bits()`) applies to every weight; by default depthwise convs get 8, and
+    so do `exact_weights` (default `exact_weight_layers`: transformer blocks and bridges) through u8u8 kernels.
     """
     hg = cpu_graph(gm)
-    if weight_bits is None:
-        weight_bits = 8 if cpu_has_vnni() else 7
+    default = weight_bits is None
+    depthwise_bits = cpu_weight_bits(depthwise=True) if default else weight_bits
+    weight_bits = cpu_weight_bits() if default else weight_bits
+    if exact_weights is None:
+        exact_weights = exact_weight_layers(hg) if default else []
     chosen = list(layers) if layers is not None else _candidates(hg, plan)
-    out, int8 = _region_plan(hg, plan, chosen, weight_bits)
+    out, int8 = _region_plan(hg, plan, chosen, weight_bits, depthwise_bits=depthwise_bits, exact=exact_weights)
+    out.meta["ort"].update(depthwise_weight_bits=depthwise_bits,
+                           uint8_weights=sorted(n for n, p in out.layers.items() if p.weight and p.weight.scheme ==
+                                                "asymmetric"))
     out = calibrate_activations(hg, out, calib_loader, max_batches=max_batches, progress=progress)
+    _fit_clamp_ranges(out, int8)
     _share_tensor_specs(plan=out, int8=int8)
     for layer, policy in out.layers.items():
-        if policy.weight is not None and mse_weights:
+        if policy.weight is not None and mse_weights and policy.weight.scheme == "symmetric":
             weight = onnx_qdq._attr(hg.gm, hg.node(layer).args[1].target).detach()
             policy.weight = mse_weight_spec(weight, policy.weight)
     return out, hg, weight_bits
@@ -516,6 +534,56 @@ def _needs_output(node: fx.Node, role: str, int8: dict[fx.Node, str]) -> bool:
     return True
 
 
+def _clamp_bounds(node: fx.Node) -> tuple[float, float]:
+    """(min, max) a ReLU-like op clamps to."""
+    if node.target in (aten.relu.default, aten.relu_.default):
+        return 0.0, float("inf")
+    if node.target in _RELU6:
+        return 0.0, 6.0
+    args = list(node.args[1:]) + [None] * 2
+    if node.target in (aten.hardtanh.default, aten.hardtanh_.default):
+        lo, hi = node.kwargs.get("min_val", args[0]), node.kwargs.get("max_val", args[1])
+        return float(-1 if lo is None else lo), float(1 if hi is None else hi)
+    lo, hi = node.kwargs.get("min", args[0]), node.kwargs.get("max", args[1])
+    return float("-inf" if lo is None else lo), float("inf" if hi is None else hi)
+
+
+def _fits(spec: QuantSpec, scale: np.float32, zero: int, lo: float, hi: float) -> bool:
+    """Whether the quantizer's range lies inside [lo, hi], in float32 as ORT checks it."""
+    return bool(scale * np.float32(spec.qmax - zero) <= np.float32(hi) and
+                scale * np.float32(spec.qmin - zero) >= np.float32(lo))
+
+
+def _fit_clamp_ranges(plan: QuantPlan, int8: dict[fx.Node, str]) -> None:
+    """Shrink the output quantizer of each int8 ReLU-like op to lie inside its clamp range.
+
+    ORT drops a Clip / Relu before a QuantizeLinear, and so fuses conv → clamp → Q into one QLinearConv, only
+    when the quantizer's range [s·(0 − z), s·(255 − z)] lies inside the clamp's; a searched scale (a factor
+    above 1 on ReLU6's [0, 6]) leaves the clamp, and the conv, in float. Over the clamp's range the fitted
+    quantizer is the same or finer, so nothing representable is lost.
+    """
+    for node, role in int8.items():
+        policy = plan.layers.get(node.meta["hyfx"]["name"])
+        if role != "act" or policy is None or policy.output is None or not policy.output.calibrated:
+            continue
+        spec = policy.output
+        lo_clamp, hi_clamp = _clamp_bounds(node)
+        scale, zero = np.float32(spec.scale[0]), spec.zero_point[0]
+        if _fits(spec, scale, zero, lo_clamp, hi_clamp):
+            continue
+        lo = max(float(scale) * (spec.qmin - zero), lo_clamp)
+        hi = min(float(scale) * (spec.qmax - zero), hi_clamp)
+        if not lo <= 0 <= hi or hi <= lo:
+            continue
+        new_scale = np.float32((hi - lo) / (spec.qmax - spec.qmin))
+        new_zero = int(np.clip(round(spec.qmin - lo / float(new_scale)), spec.qmin, spec.qmax))
+        for _ in range(4):  # step down until the float32 range fits
+            if _fits(spec, new_scale, new_zero, lo_clamp, hi_clamp):
+                break
+            new_scale = np.nextafter(new_scale, np.float32(0))
+        policy.output = spec.with_params([float(new_scale)], [new_zero])
+
+
 def _share_tensor_specs(plan: QuantPlan, int8: dict[fx.Node, str]) -> None:
     """Give every quantizer of one tensor the same parameters: its producer's output spec when it has one."""
     for node in int8:
@@ -531,10 +599,39 @@ def _share_tensor_specs(plan: QuantPlan, int8: dict[fx.Node, str]) -> None:
 
 
 def _uniform8(spec: QuantSpec) -> QuantSpec:
-    """Activations run as 8-bit per tensor in ORT's kernels; a calibrated 8-bit spec is kept as it is."""
-    if spec.bits == 8 and spec.granularity == "tensor":
-        return spec
-    return QuantSpec(bits=8, granularity="tensor", scheme=spec.scheme)
+    """The activation as uint8 per tensor, what ORT's u8s8 kernels run fastest on x86.
+
+    A calibrated 8-bit asymmetric spec is kept; a calibrated 8-bit symmetric one becomes uint8 with zero
+    point 128 and the same scale (its range [-127, 127]·s plus one code below), so the s8s8 kernels and the
+    int8 ↔ uint8 conversions between them are never needed; anything else is calibrated again (min-max).
+    """
+    if spec.bits == 8 and spec.granularity == "tensor" and spec.calibrated:
+        if spec.scheme == "asymmetric":
+            return spec
+        return QuantSpec(bits=8, granularity="tensor", scheme="asymmetric").with_params(spec.scale, [128])
+    return QuantSpec(bits=8, granularity="tensor", scheme="asymmetric")
+
+
+def _uint8_weight(spec: QuantSpec, weight: torch.Tensor) -> QuantSpec:
+    """A symmetric 8-bit per-channel weight spec as uint8 with zero point 128 in every channel (same codes
+    shifted: ORT's u8u8 kernels run it exactly without VNNI, and one zero point for all channels is allowed)."""
+    if not spec.calibrated:
+        amax = weight.reshape(weight.shape[0], -1).abs().amax(1).clamp_min(1e-8)
+        spec = spec.with_params((amax / spec.qmax).tolist(), [0] * weight.shape[0])
+    scale = list(spec.scale) * (weight.shape[0] if len(spec.scale) == 1 else 1)
+    return QuantSpec(bits=8, granularity="channel", scheme="asymmetric", axis=0).with_params(scale, [128] * len(scale))
+
+
+def _cpu_weight(spec: QuantSpec | None, weight_bits: int, factor: torch.Tensor | None) -> QuantSpec:
+    """The int8 kernel's weight spec: the recipe's own when it is symmetric and fits `weight_bits` (carried
+    through BatchNorm folding by the fold `factor`), else symmetric per channel, calibrated again (min-max)."""
+    if spec is not None and spec.kind == "uniform" and spec.scheme == "symmetric" and spec.bits <= weight_bits \
+            and spec.calibrated:
+        carried = onnx_qdq.folded_weight_spec(spec, factor) if factor is not None else spec
+        if carried is not None:
+            return carried
+    bits = min(weight_bits, spec.bits) if spec is not None else weight_bits
+    return QuantSpec(bits=bits, granularity="channel", scheme="symmetric", axis=0)
 
 
 @dataclass
@@ -549,8 +646,12 @@ THRESHOLDS = (0.0, 0.8, 0.95, 1.05, 1.2)
 
 def compile_cpu(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: Iterable, path: str | Path | None = None,
                 log2_mode: str = "exact", weight_bits: int | None = None, batch: int = 1,
-                thresholds: Iterable[float] = THRESHOLDS, runs: int = 15, max_batches: int | None = None) -> CpuResult:
+                thresholds: Iterable[float] = THRESHOLDS, runs: int = 15, max_batches: int | None = None,
+                exact_weights: Iterable[str] | None = None) -> CpuResult:
     """Recipe plan → the fastest ORT int8 model this CPU runs (see the module docstring).
+
+    `exact_weights`: layers whose weights stay 8-bit on a CPU without VNNI (default: `exact_weight_layers`,
+    the transformer blocks and bridges; `[]` for all-7-bit weights, the fastest and least accurate).
 
     1. Every layer the recipe quantizes is planned int8 and calibrated (`cpu_plan`), and exported once.
     2. The layer latency table times each layer's int8 island against FP32 at its shape and `batch`.
@@ -559,7 +660,8 @@ def compile_cpu(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader:
        time, interleaved); the fastest wins. Whole-model timing decides because layout changes between
        int8 (NHWC) and FP32 (NCHWc) convolutions cost more than any single layer's table entry shows.
     """
-    full, hg, bits = cpu_plan(gm, plan, calib_loader, weight_bits=weight_bits, max_batches=max_batches)
+    full, hg, bits = cpu_plan(gm, plan, calib_loader, weight_bits=weight_bits, max_batches=max_batches,
+                              exact_weights=exact_weights)
     candidates = _candidates(hg, plan)
     table = layer_latency_table(hg, candidates, batch=batch, weight_bits=bits)
     exported = onnx_qdq.export(hg, full, None, target="ort", log2_mode=log2_mode)
@@ -586,6 +688,7 @@ def compile_cpu(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader:
     info.threshold = best
     vplan, model, chosen = variants[best]
     info.int8_layers = chosen
+    info.uint8_weight_layers = [layer for layer in full.meta["ort"]["uint8_weights"] if layer in chosen]
     info.fp32_layers = [layer for layer in candidates if layer not in chosen]
     _, int8 = _region_plan(hg, plan, chosen, bits, specs=full)
     info.int8_ops = sorted(n.meta["hyfx"]["name"] for n, role in int8.items() if role != "layer")

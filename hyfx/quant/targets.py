@@ -2,15 +2,22 @@
 
 TensorRT has no zero point: int8 only, symmetric weights (per tensor or per output channel) and symmetric
 per-tensor activations. ONNX Runtime's int8 kernels (QLinearConv / QLinearMatMul) take per-tensor activations
-(symmetric int8 or asymmetric uint8) and per-tensor or per-channel weights. "fake" is PyTorch fake
-quantization, which runs anything a QuantSpec can say (2-8 bits, per-channel activations, log2, twin).
+(symmetric int8 or asymmetric uint8) and per-tensor or per-channel weights, but a per-channel weight must
+have one zero point for all channels (QLinearConv rejects differing ones, onnxruntime#8890 and #28447), so
+per-channel weights are symmetric; weights of fewer bits run in the same int8 type (the CPU lowering uses
+7-bit weights on CPUs without VNNI, see `cpu_weight_bits`). "fake" is PyTorch fake quantization, which runs
+anything a QuantSpec can say (2-8 bits, per-channel activations, log2, twin).
 """
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 from hyfx.errors import HyfxError
+from hyfx.graph import HybridGraph
+from hyfx.ops import CONV, LINEAR
 from hyfx.quant.spec import QuantPlan, QuantSpec
 
 TARGETS = ("fake", "ort", "tensorrt")
@@ -27,11 +34,18 @@ class TargetRules:
     act_granularities: tuple[str, ...] = GRANULARITIES
     bits: int | None = None  # None: any of 2-8
     kinds: tuple[str, ...] = ("uniform", "log2", "twin")
+    channel_weight_schemes: tuple[str, ...] = SCHEMES  # per-channel weights
+    narrower_weights: bool = False  # weights of fewer than `bits` bits run in the same integer type
+
+    def allows_weight(self, granularity: str, scheme: str) -> bool:
+        return (granularity in self.weight_granularities and scheme in self.weight_schemes
+                and (granularity != "channel" or scheme in self.channel_weight_schemes))
 
     def violation(self, spec: QuantSpec, role: str) -> str | None:
         """Why `spec` (a weight, or an activation for any other role) cannot run on this target, or None."""
         weight = role == "weight"
-        if self.bits is not None and spec.bits != self.bits:
+        narrower = weight and self.narrower_weights and spec.bits <= (self.bits or 8)
+        if self.bits is not None and spec.bits != self.bits and not narrower:
             return f"{spec.bits}-bit (runs int{self.bits} only)"
         if spec.kind not in self.kinds:
             return f"a {spec.kind} quantizer"
@@ -41,12 +55,15 @@ class TargetRules:
         granularities = self.weight_granularities if weight else self.act_granularities
         if spec.granularity not in granularities:
             return f"a per-{spec.granularity} {'weight' if weight else 'activation'} quantizer"
+        if weight and spec.kind == "uniform" and not self.allows_weight(spec.granularity, spec.scheme):
+            return f"a per-{spec.granularity} {spec.scheme} weight (per-channel zero points must all be 0)"
         return None
 
 
 RULES: dict[str, TargetRules] = {
     "fake": TargetRules("fake"),
-    "ort": TargetRules("ort", act_granularities=("tensor",), bits=8),
+    "ort": TargetRules("ort", act_granularities=("tensor",), bits=8, channel_weight_schemes=("symmetric",),
+                       narrower_weights=True),
     "tensorrt": TargetRules("tensorrt", weight_schemes=("symmetric",), act_schemes=("symmetric",),
                             act_granularities=("tensor",), bits=8, kinds=("uniform",)),
 }
@@ -75,3 +92,35 @@ def check_plan_target(plan: QuantPlan, target: str) -> QuantPlan:
                             f"use a recipe that takes the target (e.g. --recipe qhyvit --target {target})")
     plan.target = target
     return plan
+
+
+def cpu_has_vnni() -> bool:
+    """Whether the CPU has AVX-VNNI / AVX512-VNNI (int8 dot products without 16-bit saturation)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine().lower() in ("arm64", "aarch64")  # ARM's int8 dot products do not saturate
+    return "avx512_vnni" in flags or "avx_vnni" in flags
+
+
+def cpu_weight_bits(depthwise: bool = False) -> int:
+    """Weight bits ONNX Runtime's u8s8 CPU kernels run exactly here: 8 with VNNI or for a depthwise conv, else 7.
+
+    Without VNNI, MLAS's GEMM multiplies with VPMADDUBSW, whose 16-bit pair sums saturate for 8-bit weights;
+    |w| ≤ 63 cannot (255·63·2 < 2^15). Depthwise convolutions run a direct kernel that accumulates in 32 bits
+    (measured here: all-127 weights on uint8 inputs ≥ 200 are exact there, a 1x1 conv is off by 18 codes).
+    """
+    return 8 if depthwise or cpu_has_vnni() else 7
+
+
+def exact_weight_layers(hg: HybridGraph) -> list[str]:
+    """The layers whose weights stay 8-bit where the CPU's GEMM would need 7: transformer blocks and bridges.
+
+    Measured on lite0-vit-real (468 images, min-max plan): 7-bit weights everywhere cost 3.0 top-1 points
+    against FP32, 8-bit weights on these layers alone bring that to 1.1 (8-bit on the CNN layers or on the
+    linears only: 3.2, 4.0). Without VNNI they run the u8u8 kernels (uint8 weights with zero point 128),
+    which cannot saturate, at some speed.
+    """
+    bridges = hg.bridge_layers()
+    return [layer for layer in hg.layers((CONV, LINEAR))
+            if hg.tags(layer).get("region") == "transformer" or layer in bridges]

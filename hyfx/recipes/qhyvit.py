@@ -8,7 +8,10 @@ earlier layers already quantized. Each weight and each activation input of a con
   granularity: per channel or per tensor (layer),
   scheme:      symmetric (signed, zero point 0) or asymmetric (unsigned, zero point),
 weights and activations alternating for `rounds` rounds. The target restricts the space: TensorRT has no
-zero point (symmetric int8, per-tensor activations), ONNX Runtime takes asymmetric uint8 activations per tensor.
+zero point (symmetric int8, per-tensor activations), ONNX Runtime takes asymmetric uint8 activations per tensor
+and symmetric per-channel weights, searched at the weight bits its CPU kernels run here (7 without VNNI except
+depthwise convs and transformer / bridge layers: see hyfx.quant.targets), so the int8 lowering runs the
+searched weights as they are.
 `full=True` also quantizes the inputs of softmax, LayerNorm, GroupNorm and BatchNorm (full quantization).
 """
 
@@ -20,8 +23,16 @@ from collections.abc import Iterable
 import torch.fx as fx
 
 from hyfx.graph import HybridGraph
+from hyfx.ops import is_depthwise
 from hyfx.quant.spec import QuantPlan
-from hyfx.quant.targets import GRANULARITIES, SCHEMES, TargetRules, target_rules
+from hyfx.quant.targets import (
+    GRANULARITIES,
+    SCHEMES,
+    TargetRules,
+    cpu_weight_bits,
+    exact_weight_layers,
+    target_rules,
+)
 from hyfx.recipes.problems import Side, uniform_spec
 from hyfx.recipes.reconstruct import prepare_search, run_search
 from hyfx.recipes.search import HessianObjective, UniformCandidates
@@ -43,6 +54,8 @@ def search_space(w_bits: int, a_bits: int, rules: TargetRules, search_granularit
         "input": (tuple(g for g in a_gran if g in rules.act_granularities),
                   tuple(s for s in schemes if s in rules.act_schemes)),
     }
+    if rules.name == "ort":  # the CPU lowering runs s8 weights (u8s8 kernels); it would redo asymmetric ones
+        space["weight"] = (space["weight"][0], ("symmetric",))
     for role, (grans, schemes_) in space.items():
         if not grans or not schemes_:  # a restricted target leaves its one allowed choice
             allowed = rules.weight_granularities if role == "weight" else rules.act_granularities
@@ -62,19 +75,25 @@ def qhyvit(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int
     rules = target_rules(target)
     space = search_space(w_bits, a_bits, rules, search_granularity, search_scheme)
 
+    exact = set(exact_weight_layers(hg)) if target == "ort" else set()
+
+    def weight_bits_for(depthwise: bool) -> int:  # the bits the CPU lowering runs (see hyfx.backends.ort)
+        return min(w_bits, cpu_weight_bits(depthwise)) if target == "ort" else w_bits
+
     def options(layer: str, node: fx.Node, side_name: str, side: Side) -> list:
         role = "weight" if side_name == "weight" else "input"
         grans, schemes = space[role]
         if side.axis is None or side.channels < 2:
             grans = ("tensor",)
-        bits = w_bits if role == "weight" else a_bits
+        bits = weight_bits_for(layer in exact or is_depthwise(node, hg.gm)) if role == "weight" else a_bits
         return [UniformCandidates(uniform_spec(bits, g, s, side.graph_axis), side.lo, side.hi, factors)
-                for g in grans for s in schemes]
+                for g in grans for s in schemes if role != "weight" or rules.allows_weight(g, s)]
 
     result = run_search(hg, images, options, HessianObjective(), hessian=True, rounds=rounds, samples=samples,
                         bridges=bridge, norms=full, seed=seed, coarse=coarse, progress=progress)
     plan = QuantPlan(recipe="qhyvit", layers=result.policies, target=target, meta={
         "w_bits": w_bits, "a_bits": a_bits, "full": full, "alpha": alpha, "beta": beta, "n": n,
+        "searched_weight_bits": {"gemm": weight_bits_for(False), "depthwise and exact": weight_bits_for(True)},
         "search_granularity": search_granularity, "search_scheme": search_scheme, "bridge": bridge,
         "space": {role: {"granularity": list(g), "scheme": list(s)} for role, (g, s) in space.items()},
         "calibration": {"n_images": sum(len(x) for x in images)},
