@@ -56,7 +56,7 @@ def run_model(name: str, bits_list: list[int], recipes: list[str], ablation: boo
         save()
 
     accuracy_tables(hg, make_loader(calib, config, 16), make_loader(evaluation, config, 50), bits_list,
-                    variants(recipes, ablation=ablation, full=False), on_bits=update)
+                    variants(recipes, ablation=ablation, full=False, corrected=True), on_bits=update)
 
 
 def xxs_timing(out: dict, save) -> None:

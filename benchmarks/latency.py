@@ -144,7 +144,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=MOBILEVIT)
     parser.add_argument("--real", nargs="*", default=None, help="real-weight models for accuracy (default: zoo ones)")
-    parser.add_argument("--recipes", nargs="*", default=["minmax", "percentile"])
+    parser.add_argument("--recipes", nargs="*", default=["minmax", "percentile"],
+                        help="recipes to lower; a '+bc' suffix (qhyvit+bc) adds bias correction")
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 8])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=30)

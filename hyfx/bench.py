@@ -33,6 +33,7 @@ from hyfx.errors import HyfxError
 from hyfx.evaluate import Predictions, accuracy, compare, wilson_interval
 from hyfx.graph import HybridGraph
 from hyfx.recipes import get_recipe
+from hyfx.recipes.bias_correction import correct_bias
 from hyfx.recipes.sampling import calibration_images
 
 METHODS = ("minmax", "easyquant", "ptq4vit", "efficientquant", "qhyvit")
@@ -49,8 +50,12 @@ class Variant:
     table: str = "partial"  # partial | ablation | full
 
 
-def variants(methods: Sequence[str] = METHODS, ablation: bool = True, full: bool = True) -> list[Variant]:
+def variants(methods: Sequence[str] = METHODS, ablation: bool = True, full: bool = True,
+             corrected: bool = False) -> list[Variant]:
     out = [Variant(m, m) for m in methods]
+    if corrected:  # hyfx's addition to the papers: empirical bias correction after the recipe
+        out += [Variant(f"{m} + bias correction", m, {"bias_correction": True}, "extension")
+                for m in ("minmax", "qhyvit") if m in methods]
     if ablation:  # Q-HyViT Table 3: what the search may choose besides the scale (qhyvit itself = + scheme)
         out += [Variant("qhyvit: scale only", "qhyvit", {"search_granularity": False, "search_scheme": False},
                         "ablation"),
@@ -109,8 +114,11 @@ def accuracy_tables(hg: HybridGraph, calib_loader: Iterable, eval_loader: Iterab
         for v in rows:
             _log(f"W{b}A{b} {v.label} ...")
             start = time.perf_counter()
-            plans[v.label] = get_recipe(v.recipe)(hg, calib_loader, w_bits=b, a_bits=b, progress=progress,
-                                                  **v.options)
+            options = dict(v.options)
+            corrected = options.pop("bias_correction", False)
+            plans[v.label] = get_recipe(v.recipe)(hg, calib_loader, w_bits=b, a_bits=b, progress=progress, **options)
+            if corrected:
+                plans[v.label] = correct_bias(hg, plans[v.label], calib_loader)
             seconds[v.label] = time.perf_counter() - start
             _log(f"    {seconds[v.label]:.0f} s, {plans[v.label].summary()}")
         results = compare(hg.gm, {label: hyfx.quantize(hg, plan) for label, plan in plans.items()}, eval_loader,
@@ -131,10 +139,15 @@ def accuracy_tables(hg: HybridGraph, calib_loader: Iterable, eval_loader: Iterab
 # ---------------------------------------------------------------------------------------------- ONNX Runtime
 
 
+BIAS_CORRECTED = "+bc"  # a recipe name with this suffix (e.g. "qhyvit+bc") gets bias correction after it
+
+
 def _ort_plan(hg: HybridGraph, recipe: str, loader: Iterable):
-    fn = get_recipe(recipe)
+    corrected = recipe.endswith(BIAS_CORRECTED)
+    fn = get_recipe(recipe.removesuffix(BIAS_CORRECTED))
     options = {"target": "ort"} if "target" in inspect.signature(fn).parameters else {}
-    return fn(hg, loader, progress=False, **options)
+    plan = fn(hg, loader, progress=False, **options)
+    return correct_bias(hg, plan, loader) if corrected else plan
 
 
 def ort_models(hg: HybridGraph, calib_loader: Iterable, work: Path, recipes: Sequence[str] = ORT_RECIPES,

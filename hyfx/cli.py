@@ -23,6 +23,7 @@ from hyfx.graph import HybridGraph
 from hyfx.quant.spec import check_bits
 from hyfx.quant.targets import TARGETS, check_bits_for_target, check_plan_target
 from hyfx.recipes import RECIPES, get_recipe
+from hyfx.recipes.bias_correction import correct_bias
 from hyfx.report import block_table, write_graph
 
 
@@ -104,6 +105,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     loader = make_loader(calib, config, batch_size=args.batch_size)
     start = time.perf_counter()
     plan = recipe(gm, loader, **options)
+    if args.bias_correction:
+        plan = correct_bias(gm, plan, loader)
     check_plan_target(plan, args.target)
     plan.model = args.model
     plan.meta["plan_seconds"] = round(time.perf_counter() - start, 2)
@@ -214,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--target", default="fake", choices=TARGETS,
                    help="backend the plan must run on (ort: per-tensor activations; tensorrt: symmetric int8 only)")
+    p.add_argument("--bias-correction", action="store_true",
+                   help="add to each quantized conv / linear bias the mean output shift its weight rounding causes")
     p.add_argument("--out", default="plan.json")
     p.set_defaults(func=cmd_quantize)
 

@@ -38,10 +38,11 @@ def test_inspect_prints_blocks_and_bridges(capsys, tmp_path):
 def test_quantize_then_eval_on_real_weights(capsys, tmp_path, sample_images):
     plan = tmp_path / "plan.json"
     code, out, _ = _run(capsys, "quantize", "lite0-real", "--recipe", "minmax", "--calib", str(sample_images.root),
-                        "--n-calib", "8", "--out", str(plan))
+                        "--n-calib", "8", "--bias-correction", "--out", str(plan))
     assert code == 0 and plan.is_file(), out
     saved = json.loads(plan.read_text())
     assert saved["model"] == "lite0-real" and len(saved["meta"]["calibration"]["images"]) == 8
+    assert saved["meta"]["bias_correction"]["n_images"] == 8 and "bias_correction" in saved["layers"]["conv_stem"]
     result = tmp_path / "eval.json"
     code, out, _ = _run(capsys, "eval", "lite0-real", "--plan", str(plan), "--data", str(sample_images.root),
                         "--n-eval", "40", "--json", str(result))

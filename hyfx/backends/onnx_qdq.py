@@ -236,7 +236,8 @@ def folded_plan(plan: QuantPlan, folded_layers: list[str], factors: dict[str, to
                 ) -> tuple[QuantPlan, list[str]]:
     """The plan for the BatchNorm-folded graph: a symmetric calibrated weight spec is carried over exactly
     (`folded_weight_spec`, with the fold `factors`); any other weight spec of a folded convolution is
-    uncalibrated (min-max again on the folded weights) and its layer listed as redone."""
+    uncalibrated (min-max again on the folded weights) and its layer listed as redone. Bias corrections are
+    scaled with the BatchNorm; a redone weight's correction, measured for the old rounding, is dropped."""
     plan = copy.deepcopy(plan)
     factors = factors or {}
     redone = []
@@ -245,6 +246,12 @@ def folded_plan(plan: QuantPlan, folded_layers: list[str], factors: dict[str, to
         if policy is None or policy.weight is None:
             continue
         carried = folded_weight_spec(policy.weight, factors[layer]) if layer in factors else None
+        # per-channel min-max of w·k is k times that of w: the same rounding, so its bias correction holds too
+        same_rounding = carried is not None or (layer in factors and not policy.weight.calibrated
+                                                and policy.weight.granularity == "channel")
+        if policy.bias_correction is not None:  # BN scales the conv output, the correction with it
+            policy.bias_correction = tuple((torch.tensor(policy.bias_correction, dtype=torch.float64)
+                                            * factors[layer].double()).tolist()) if same_rounding else None
         if carried is not None:
             policy.weight = carried
             continue
@@ -264,6 +271,7 @@ def symmetric_plan(plan: QuantPlan) -> QuantPlan:
     for policy in plan.layers.values():
         if policy.weight is not None and policy.weight.kind == "uniform":
             policy.weight = QuantSpec(bits=8, granularity="channel", scheme="symmetric", axis=0)
+            policy.bias_correction = None  # it belonged to the weight spec just replaced
         for idx, spec in list(policy.inputs.items()):
             policy.inputs[idx] = _symmetric_activation(spec)
         if policy.output is not None:

@@ -44,6 +44,7 @@ from hyfx.ops import CONV, LINEAR, MATMUL, is_depthwise, node_shape
 from hyfx.quant.calibrate import batches
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
 from hyfx.quant.targets import cpu_has_vnni, cpu_weight_bits, exact_weight_layers
+from hyfx.recipes.bias_correction import correct_bias
 from hyfx.recipes.common import calibrate_activations
 
 from . import onnx_qdq
@@ -415,7 +416,7 @@ def _region_plan(hg: HybridGraph, plan: QuantPlan, layers: Iterable[str], weight
         if role == "layer" and node.meta["hyfx"]["kind"] in (CONV, LINEAR):
             depthwise = depthwise_bits is not None and is_depthwise(node, hg.gm)
             if known and known.weight:
-                policy.weight = known.weight
+                policy.weight, policy.bias_correction = known.weight, known.bias_correction
             elif name in exact and not depthwise and weight_bits < 8:
                 weight = onnx_qdq._attr(hg.gm, node.args[1].target).detach()
                 policy.weight = _uint8_weight(_cpu_weight(plan.layers[name].weight, 8, factors.get(name)), weight)
@@ -454,6 +455,7 @@ def cpu_plan(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: It
     layers get activation quantizers too (int8 kernels need both); log2 post-softmax quantizers are kept.
     `weight_bits` (default `cpu_weight_bits()`) applies to every weight; by default depthwise convs get 8, and
     so do `exact_weights` (default `exact_weight_layers`: transformer blocks and bridges) through u8u8 kernels.
+    A recipe plan with bias corrections gets them measured again for the weights chosen here.
     """
     hg = cpu_graph(gm)
     default = weight_bits is None
@@ -473,6 +475,8 @@ def cpu_plan(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: It
         if policy.weight is not None and mse_weights and policy.weight.scheme == "symmetric":
             weight = onnx_qdq._attr(hg.gm, hg.node(layer).args[1].target).detach()
             policy.weight = mse_weight_spec(weight, policy.weight)
+    if any(p.bias_correction is not None for p in plan.layers.values()):  # measured again for these weights
+        out = correct_bias(hg, out, calib_loader, max_batches=max_batches)
     return out, hg, weight_bits
 
 
@@ -692,6 +696,8 @@ def compile_cpu(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader:
     info.fp32_layers = [layer for layer in candidates if layer not in chosen]
     _, int8 = _region_plan(hg, plan, chosen, bits, specs=full)
     info.int8_ops = sorted(n.meta["hyfx"]["name"] for n, role in int8.items() if role != "layer")
+    if any(full.layers[layer].bias_correction is not None for layer in info.fp32_layers if layer in full.layers):
+        model = onnx_qdq.export(hg, vplan, None, target="ort", log2_mode=log2_mode).model  # no FP32 layer corrected
     reference, _, _, _ = onnx_qdq.prepare(hg, vplan)
     report = replace(exported.report, quant_points=sum(1 for _ in vplan.specs()),
                      counts=onnx_qdq.check_qdq(model, "ort"), model_bytes=model.ByteSize())

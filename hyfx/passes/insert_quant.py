@@ -3,7 +3,8 @@
 Weights get a quantize → dequantize pair between their get_attr and the layer (per tensor or per
 output channel); activation inputs get a per-tensor pair on the edge into the layer (other consumers
 of the same tensor keep the float value); outputs (post-softmax) get their quantizer after the node.
-The pairs are real `quantized_decomposed` graph nodes so later lowering passes see them.
+A layer's bias correction is added to its bias. The pairs are real `quantized_decomposed` graph nodes so
+later lowering passes see them.
 """
 
 from __future__ import annotations
@@ -77,6 +78,33 @@ def _insert_qdq(gm: fx.GraphModule, src: fx.Node, spec: QuantSpec, layer: str, r
     return dq
 
 
+def _correct_bias(gm: fx.GraphModule, node: fx.Node, layer: str, correction: tuple[float, ...]) -> None:
+    """Replace the layer's bias (conv / linear argument 2; none is zeros) by bias + correction."""
+    weight_node = weight_arg(node)
+    if weight_node is None:
+        raise HyfxError(f"plan corrects the bias of {layer}, which is not a conv / linear with a constant weight")
+    weight = getattr_path(gm, weight_node.target)
+    delta = torch.tensor(correction, dtype=weight.dtype)
+    if delta.shape != weight.shape[:1]:
+        raise HyfxError(f"plan's bias correction of {layer} has {delta.numel()} channels, the layer "
+                        f"{weight.shape[0]}: the plan was made for another model")
+    in_kwargs = "bias" in node.kwargs
+    bias = node.kwargs["bias"] if in_kwargs else (node.args[2] if len(node.args) > 2 else None)
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        raise HyfxError(f"plan corrects the bias of {layer}, whose bias is computed, not a constant")
+    base = getattr_path(gm, bias.target).detach() if bias is not None else torch.zeros_like(delta)
+    name = f"_hyfx_{layer}_corrected_bias".replace(".", "_").replace("#", "_")
+    gm.register_buffer(name, base + delta)
+    with gm.graph.inserting_before(node):
+        attr = gm.graph.get_attr(name)
+    if in_kwargs:
+        node.kwargs = {**node.kwargs, "bias": attr}
+    else:
+        args = list(node.args) + [None] * max(0, 3 - len(node.args))
+        args[2] = attr
+        node.args = tuple(args)
+
+
 def _require_calibrated(spec: QuantSpec, layer: str, role: str) -> None:
     if not spec.calibrated:
         raise HyfxError(f"plan entry {layer} {role} has no scale: calibrate the plan (a recipe with calibration data)")
@@ -94,6 +122,8 @@ def insert_quant(gm: fx.GraphModule, plan: QuantPlan) -> fx.GraphModule:
         )
     for layer, policy in sorted(plan.layers.items()):
         node = index[layer]
+        if policy.bias_correction is not None:
+            _correct_bias(gm, node, layer, policy.bias_correction)
         if policy.weight is not None:
             weight_node = weight_arg(node)
             if weight_node is None:

@@ -113,28 +113,38 @@ class QuantSpec:
 
 @dataclass
 class LayerPolicy:
-    """Quantization of one layer: its weight, its activation inputs (by argument index), its output."""
+    """Quantization of one layer: its weight, its activation inputs (by argument index), its output.
+
+    `bias_correction` (per output channel, added to the layer's bias) undoes the mean output shift that
+    rounding the weight causes (hyfx.recipes.bias_correction); it belongs to the weight spec it was measured with.
+    """
 
     weight: QuantSpec | None = None
     inputs: dict[int, QuantSpec] = field(default_factory=dict)
     output: QuantSpec | None = None
+    bias_correction: tuple[float, ...] | None = None
 
     def is_empty(self) -> bool:
-        return self.weight is None and not self.inputs and self.output is None
+        return self.weight is None and not self.inputs and self.output is None and self.bias_correction is None
 
     def to_dict(self) -> dict:
-        return {
+        data = {
             "weight": self.weight.to_dict() if self.weight else None,
             "inputs": {str(k): v.to_dict() for k, v in sorted(self.inputs.items())},
             "output": self.output.to_dict() if self.output else None,
         }
+        if self.bias_correction is not None:
+            data["bias_correction"] = list(self.bias_correction)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerPolicy:
+        correction = data.get("bias_correction")
         return cls(
             weight=QuantSpec.from_dict(data["weight"]) if data.get("weight") else None,
             inputs={int(k): QuantSpec.from_dict(v) for k, v in (data.get("inputs") or {}).items()},
             output=QuantSpec.from_dict(data["output"]) if data.get("output") else None,
+            bias_correction=tuple(float(v) for v in correction) if correction is not None else None,
         )
 
 
@@ -167,6 +177,9 @@ class QuantPlan:
         for _, role, spec in self.specs():
             key = f"{role.rstrip('0123456789')}:{spec.short()}"
             counts[key] = counts.get(key, 0) + 1
+        corrected = sum(p.bias_correction is not None for p in self.layers.values())
+        if corrected:
+            counts["bias_correction"] = corrected
         return dict(sorted(counts.items()))
 
     def to_dict(self) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from hyfx.errors import HyfxError
+from hyfx.recipes.bias_correction import correct_bias
 from hyfx.recipes.easyquant import easyquant
 from hyfx.recipes.efficientquant import efficientquant
 from hyfx.recipes.hysquant import hysquant
@@ -29,5 +30,5 @@ def get_recipe(name: str) -> Callable:
     return RECIPES[name]
 
 
-__all__ = ["RECIPES", "easyquant", "efficientquant", "get_recipe", "hysquant", "minmax", "percentile", "ptq4vit",
+__all__ = ["RECIPES", "correct_bias", "easyquant", "efficientquant", "get_recipe", "hysquant", "minmax", "percentile", "ptq4vit",
            "qhyvit"]
