@@ -352,6 +352,25 @@ def test_cli_export_tensorrt(capsys, tmp_path, sample_images):
     onnx_qdq.check_qdq(onnx.load(str(out)), "tensorrt")
 
 
+def test_cli_cpu_int8_fast_weights_drops_the_exact_8_bit_layers(capsys, tmp_path, sample_images, monkeypatch):
+    from hyfx import cli
+
+    plan = tmp_path / "plan.json"
+    assert cli.main(["quantize", "test_vit", "--recipe", "minmax", "--calib", str(sample_images.root), "--n-calib", "4",
+                     "--out", str(plan)]) == 0
+    seen = []
+
+    def fake_compile_cpu(*args, **kwargs):
+        seen.append(kwargs.get("exact_weights", "missing"))
+        raise hyfx.HyfxError("stopped before lowering")
+
+    monkeypatch.setattr(hort, "compile_cpu", fake_compile_cpu)
+    for extra in ([], ["--fast-weights"]):
+        assert cli.main(["export", "test_vit", "--plan", str(plan), "--cpu-int8", "--calib", str(sample_images.root),
+                         "--out", str(tmp_path / "m.onnx"), *extra]) == 2
+    assert seen == [None, []]  # default: transformer / bridge layers 8-bit; --fast-weights: none
+
+
 def _int8_conv_error(groups: int, channels: int, kernel: int, out_scale: float, uint8_weights: bool = False) -> float:
     """Max |ORT int8 kernel − exact| for a conv with all-127 weights on uint8 inputs ≥ 200 (worst case for
     16-bit pair sums), through QLinearConv (fused) against the unfused Q/DQ graph."""

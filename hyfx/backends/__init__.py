@@ -26,6 +26,9 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm separate (the plan's exact graph)")
     p.add_argument("--cpu-int8", action="store_true",
                    help="ONNX Runtime CPU lowering: int8 only where this CPU runs it faster (needs --calib)")
+    p.add_argument("--fast-weights", action="store_true",
+                   help="--cpu-int8 without VNNI: 7-bit weights in transformer / bridge layers too (u8s8 kernels; "
+                        "a little faster where attention blocks dominate, e.g. MobileViT; less accurate)")
     p.add_argument("--calib", help="image folder for --cpu-int8's extra ranges (the plan's own images are used)")
     p.add_argument("--check", help="image folder: report ORT parity with PyTorch on --n-check evaluation images")
     p.add_argument("--n-check", type=int, default=100)
@@ -58,7 +61,7 @@ def export_command(args: argparse.Namespace, gm, config: dict, pool_of) -> int:
         if calib is None or len(calib) == 0:
             calib, _ = split(pool, 32, seed=0)
         cpu = ort.compile_cpu(gm, plan, make_loader(calib, config, batch_size=16), path=args.out,
-                              log2_mode=args.log2_mode)
+                              log2_mode=args.log2_mode, exact_weights=[] if args.fast_weights else None)
         result, info = cpu.export, cpu.info
         print(f"CPU int8 lowering: {len(info.int8_layers)} layers int8, {len(info.fp32_layers)} left FP32 "
               f"(int8 not faster here), {info.weight_bits}-bit weights ({'VNNI' if info.vnni else 'no VNNI'}; "
