@@ -32,8 +32,7 @@ from hyfx.data import ImageSet, data_config, example_input, find_sample_dir, loa
 from hyfx.errors import HyfxError
 from hyfx.evaluate import Predictions, accuracy, compare, wilson_interval
 from hyfx.graph import HybridGraph
-from hyfx.recipes import get_recipe
-from hyfx.recipes.bias_correction import correct_bias
+from hyfx.recipes import get_recipe, make_plan
 from hyfx.recipes.sampling import calibration_images
 
 METHODS = ("minmax", "easyquant", "ptq4vit", "efficientquant", "qhyvit")
@@ -114,11 +113,7 @@ def accuracy_tables(hg: HybridGraph, calib_loader: Iterable, eval_loader: Iterab
         for v in rows:
             _log(f"W{b}A{b} {v.label} ...")
             start = time.perf_counter()
-            options = dict(v.options)
-            corrected = options.pop("bias_correction", False)
-            plans[v.label] = get_recipe(v.recipe)(hg, calib_loader, w_bits=b, a_bits=b, progress=progress, **options)
-            if corrected:
-                plans[v.label] = correct_bias(hg, plans[v.label], calib_loader)
+            plans[v.label] = make_plan(v.recipe, hg, calib_loader, w_bits=b, a_bits=b, progress=progress, **v.options)
             seconds[v.label] = time.perf_counter() - start
             _log(f"    {seconds[v.label]:.0f} s, {plans[v.label].summary()}")
         results = compare(hg.gm, {label: hyfx.quantize(hg, plan) for label, plan in plans.items()}, eval_loader,
@@ -143,11 +138,9 @@ BIAS_CORRECTED = "+bc"  # a recipe name with this suffix (e.g. "qhyvit+bc") gets
 
 
 def _ort_plan(hg: HybridGraph, recipe: str, loader: Iterable):
-    corrected = recipe.endswith(BIAS_CORRECTED)
-    fn = get_recipe(recipe.removesuffix(BIAS_CORRECTED))
-    options = {"target": "ort"} if "target" in inspect.signature(fn).parameters else {}
-    plan = fn(hg, loader, progress=False, **options)
-    return correct_bias(hg, plan, loader) if corrected else plan
+    name = recipe.removesuffix(BIAS_CORRECTED)
+    options = {"target": "ort"} if "target" in inspect.signature(get_recipe(name)).parameters else {}
+    return make_plan(name, hg, loader, bias_correction=recipe.endswith(BIAS_CORRECTED), progress=False, **options)
 
 
 def ort_models(hg: HybridGraph, calib_loader: Iterable, work: Path, recipes: Sequence[str] = ORT_RECIPES,

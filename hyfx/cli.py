@@ -22,8 +22,7 @@ from hyfx.evaluate import compare
 from hyfx.graph import HybridGraph
 from hyfx.quant.spec import check_bits
 from hyfx.quant.targets import TARGETS, check_bits_for_target, check_plan_target
-from hyfx.recipes import RECIPES, get_recipe
-from hyfx.recipes.bias_correction import correct_bias
+from hyfx.recipes import RECIPES, get_recipe, make_plan
 from hyfx.report import block_table, write_graph
 
 
@@ -104,9 +103,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     verify_images(calib)
     loader = make_loader(calib, config, batch_size=args.batch_size)
     start = time.perf_counter()
-    plan = recipe(gm, loader, **options)
-    if args.bias_correction:
-        plan = correct_bias(gm, plan, loader)
+    plan = make_plan(args.recipe, gm, loader, bias_correction=args.bias_correction, **options)
     check_plan_target(plan, args.target)
     plan.model = args.model
     plan.meta["plan_seconds"] = round(time.perf_counter() - start, 2)

@@ -6,7 +6,6 @@ method names, and leaf modules. Every pass asks these tables rather than matchin
 
 from __future__ import annotations
 
-import functools
 import operator
 
 import torch
@@ -109,6 +108,14 @@ def weight_arg(node: fx.Node) -> fx.Node | None:
     return None
 
 
+def getattr_path(module: torch.nn.Module, target: str) -> torch.Tensor:
+    """The attribute a get_attr node's dotted target names (a parameter or buffer of a submodule)."""
+    obj = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def is_depthwise(node: fx.Node, gm: fx.GraphModule) -> bool:
     """A convolution with one input and one output channel per group (weight (C, 1, kh, kw) on C channels):
     int8 runtimes run it with a direct kernel rather than a GEMM."""
@@ -116,7 +123,7 @@ def is_depthwise(node: fx.Node, gm: fx.GraphModule) -> bool:
     x = node.args[0] if node.args else None
     if weight is None or not isinstance(x, fx.Node):
         return False
-    shape = tuple(functools.reduce(getattr, weight.target.split("."), gm).shape)
+    shape = tuple(getattr_path(gm, weight.target).shape)
     in_shape = node_shape(x)
     return len(shape) == 4 and shape[1] == 1 and in_shape is not None and len(in_shape) == 4 and in_shape[1] == shape[0]
 

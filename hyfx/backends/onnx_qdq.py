@@ -30,6 +30,7 @@ from onnx import TensorProto, defs, helper, numpy_helper
 
 from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph, analyze
+from hyfx.ops import getattr_path
 from hyfx.passes.insert_quant import insert_quant
 from hyfx.quant.quantizers import dequantize_log2, qd
 from hyfx.quant.spec import QuantPlan, QuantSpec
@@ -181,11 +182,11 @@ def fold_batchnorm(gm: fx.GraphModule, keep: set[str] = frozenset()) -> tuple[fx
             continue
         if any(isinstance(a, fx.Node) and a.op != "get_attr" for a in bn.args[1:5]):
             continue
-        params = [_attr(gm, a.target).detach() if isinstance(a, fx.Node) else None for a in bn.args[1:5]]
+        params = [getattr_path(gm, a.target).detach() if isinstance(a, fx.Node) else None for a in bn.args[1:5]]
         gamma, beta, mean, var = params
         eps = float(bn.args[7])
-        weight = _attr(gm, weight_node.target).detach()
-        bias = _attr(gm, bias_node.target).detach() if bias_node is not None else torch.zeros(weight.shape[0])
+        weight = getattr_path(gm, weight_node.target).detach()
+        bias = getattr_path(gm, bias_node.target).detach() if bias_node is not None else torch.zeros(weight.shape[0])
         factor = torch.rsqrt(var + eps) * (gamma if gamma is not None else 1.0)
         new_weight = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
         new_bias = (bias - mean) * factor + (beta if beta is not None else 0.0)
@@ -207,13 +208,6 @@ def fold_batchnorm(gm: fx.GraphModule, keep: set[str] = frozenset()) -> tuple[fx
     gm.graph.lint()
     gm.recompile()
     return gm, folded
-
-
-def _attr(module: torch.nn.Module, target: str) -> torch.Tensor:
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def folded_weight_spec(spec: QuantSpec, factor: torch.Tensor) -> QuantSpec | None:
@@ -348,7 +342,7 @@ _DQ_TARGETS = (qd.dequantize_per_tensor.default, qd.dequantize_per_channel.defau
 
 def _value(gm: fx.GraphModule, arg) -> np.ndarray:
     if isinstance(arg, fx.Node):
-        return _attr(gm, arg.target).detach().cpu().numpy()
+        return getattr_path(gm, arg.target).detach().cpu().numpy()
     return np.asarray(arg)
 
 

@@ -40,8 +40,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from hyfx.evaluate import Predictions, accuracy
 from hyfx.graph import HybridGraph, analyze
-from hyfx.ops import CONV, LINEAR, MATMUL, is_depthwise, node_shape
+from hyfx.ops import CONV, LINEAR, MATMUL, getattr_path, is_depthwise, node_shape
 from hyfx.quant.calibrate import batches
+from hyfx.quant.quantizers import calibrate_weight
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
 from hyfx.quant.targets import cpu_has_vnni, cpu_weight_bits, exact_weight_layers
 from hyfx.recipes.bias_correction import correct_bias
@@ -217,7 +218,7 @@ def _layer_models(gm: fx.GraphModule, node: fx.Node, kind: str, batch: int, weig
         int8 = [*n1, *n2, helper.make_node("MatMul", [xd, bd], ["y"])]
         return (_model(fp32, inputs, []), _model(int8, inputs, i1 + i2), feeds,
                 f"{tuple(x_shape)}@{tuple(b_shape)}")
-    weight = onnx_qdq._attr(gm, node.args[1].target).detach().float().numpy()
+    weight = getattr_path(gm, node.args[1].target).detach().float().numpy()
     weight_shape = weight.shape
     feeds = [rng.random(x_shape, dtype=np.float32)]
     inputs = [_tensor_info("x", x_shape)]
@@ -418,7 +419,7 @@ def _region_plan(hg: HybridGraph, plan: QuantPlan, layers: Iterable[str], weight
             if known and known.weight:
                 policy.weight, policy.bias_correction = known.weight, known.bias_correction
             elif name in exact and not depthwise and weight_bits < 8:
-                weight = onnx_qdq._attr(hg.gm, node.args[1].target).detach()
+                weight = getattr_path(hg.gm, node.args[1].target).detach()
                 policy.weight = _uint8_weight(_cpu_weight(plan.layers[name].weight, 8, factors.get(name)), weight)
             else:
                 bits = depthwise_bits if depthwise else weight_bits
@@ -473,7 +474,7 @@ def cpu_plan(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: It
     _share_tensor_specs(plan=out, int8=int8)
     for layer, policy in out.layers.items():
         if policy.weight is not None and mse_weights and policy.weight.scheme == "symmetric":
-            weight = onnx_qdq._attr(hg.gm, hg.node(layer).args[1].target).detach()
+            weight = getattr_path(hg.gm, hg.node(layer).args[1].target).detach()
             policy.weight = mse_weight_spec(weight, policy.weight)
     if any(p.bias_correction is not None for p in plan.layers.values()):  # measured again for these weights
         out = correct_bias(hg, out, calib_loader, max_batches=max_batches)
@@ -619,9 +620,7 @@ def _uniform8(spec: QuantSpec) -> QuantSpec:
 def _uint8_weight(spec: QuantSpec, weight: torch.Tensor) -> QuantSpec:
     """A symmetric 8-bit per-channel weight spec as uint8 with zero point 128 in every channel (same codes
     shifted: ORT's u8u8 kernels run it exactly without VNNI, and one zero point for all channels is allowed)."""
-    if not spec.calibrated:
-        amax = weight.reshape(weight.shape[0], -1).abs().amax(1).clamp_min(1e-8)
-        spec = spec.with_params((amax / spec.qmax).tolist(), [0] * weight.shape[0])
+    spec = calibrate_weight(weight, spec)
     scale = list(spec.scale) * (weight.shape[0] if len(spec.scale) == 1 else 1)
     return QuantSpec(bits=8, granularity="channel", scheme="asymmetric", axis=0).with_params(scale, [128] * len(scale))
 

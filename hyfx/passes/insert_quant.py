@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from hyfx.errors import HyfxError
-from hyfx.ops import QUANT, weight_arg
+from hyfx.ops import QUANT, getattr_path, weight_arg
 from hyfx.quant.quantizers import calibrate_weight, qd
 from hyfx.quant.spec import QuantPlan, QuantSpec
 
@@ -157,10 +157,3 @@ def resolved_weight_specs(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, Quan
             weight_node = weight_arg(index[layer])
             out[layer] = calibrate_weight(getattr_path(gm, weight_node.target), policy.weight)
     return out
-
-
-def getattr_path(module: torch.nn.Module, target: str) -> torch.Tensor:
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj

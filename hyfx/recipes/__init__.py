@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+
+import torch.fx as fx
 
 from hyfx.errors import HyfxError
+from hyfx.graph import HybridGraph
+from hyfx.quant.spec import QuantPlan
 from hyfx.recipes.bias_correction import correct_bias
 from hyfx.recipes.easyquant import easyquant
 from hyfx.recipes.efficientquant import efficientquant
@@ -30,5 +34,12 @@ def get_recipe(name: str) -> Callable:
     return RECIPES[name]
 
 
-__all__ = ["RECIPES", "correct_bias", "easyquant", "efficientquant", "get_recipe", "hysquant", "minmax", "percentile", "ptq4vit",
-           "qhyvit"]
+def make_plan(name: str, gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, bias_correction: bool = False,
+              **options) -> QuantPlan:
+    """The plan of recipe `name` (its `options` passed on), bias-corrected afterwards when asked."""
+    plan = get_recipe(name)(gm, calib_loader, **options)
+    return correct_bias(gm, plan, calib_loader) if bias_correction else plan
+
+
+__all__ = ["RECIPES", "correct_bias", "easyquant", "efficientquant", "get_recipe", "hysquant", "make_plan", "minmax",
+           "percentile", "ptq4vit", "qhyvit"]
