@@ -11,6 +11,8 @@ absolute seconds vary by several times between runs). Finally the mobilevit_xxs 
 
     python benchmarks/accuracy.py                        # writes benchmarks/results/accuracy.{json,md}
     python benchmarks/accuracy.py --models lite0-real --bits 8 --recipes minmax qhyvit --no-ablation
+    python benchmarks/accuracy.py --models lite0-real --bits 6 --recipes qhyvit --no-ablation --no-xxs --adaround \
+        --out benchmarks/results/accuracy_adaround_lite0-real
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def real_models() -> list[str]:
 
 
 def run_model(name: str, bits_list: list[int], recipes: list[str], ablation: bool, n_calib: int, n_eval: int | None,
-              seed: int, out: dict, save) -> None:
+              seed: int, out: dict, save, learned: bool = False) -> None:
     model = zoo.create(name)
     config = data_config(model)
     calib, evaluation = bench_images(name, n_calib=n_calib, n_eval=n_eval, seed=seed)
@@ -56,7 +58,7 @@ def run_model(name: str, bits_list: list[int], recipes: list[str], ablation: boo
         save()
 
     accuracy_tables(hg, make_loader(calib, config, 16), make_loader(evaluation, config, 50), bits_list,
-                    variants(recipes, ablation=ablation, full=False, corrected=True), on_bits=update)
+                    variants(recipes, ablation=ablation, full=False, corrected=True, learned=learned), on_bits=update)
 
 
 def xxs_timing(out: dict, save) -> None:
@@ -114,6 +116,8 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="*", default=list(METHODS), choices=sorted(RECIPES))
     parser.add_argument("--no-ablation", action="store_true")
     parser.add_argument("--no-xxs", action="store_true", help="skip the mobilevit_xxs plan-time measurement")
+    parser.add_argument("--adaround", action="store_true",
+                        help="add a 'qhyvit + AdaRound' row (learned weight rounding; ~15 min per model and bit-width)")
     parser.add_argument("--n-calib", type=int, default=32)
     parser.add_argument("--n-eval", type=int, default=None, help="default: every other image")
     parser.add_argument("--seed", type=int, default=0)
@@ -131,7 +135,8 @@ def main() -> None:
         path.with_suffix(".md").write_text(markdown(out) + "\n")
 
     for name in args.models or real_models():
-        run_model(name, args.bits, args.recipes, not args.no_ablation, args.n_calib, args.n_eval, args.seed, out, save)
+        run_model(name, args.bits, args.recipes, not args.no_ablation, args.n_calib, args.n_eval, args.seed, out, save,
+                  args.adaround)
     if not args.no_xxs:
         xxs_timing(out, save)
     save()

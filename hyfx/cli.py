@@ -95,6 +95,8 @@ def _target_options(args: argparse.Namespace, recipe, options: dict) -> dict:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     options = _recipe_options(args)  # bad bit-widths fail before the model is built
+    if args.adaround is not None and args.adaround < 1:
+        raise HyfxError(f"--adaround {args.adaround}: give a positive number of steps per layer (default 500)")
     recipe = get_recipe(args.recipe)
     options = _target_options(args, recipe, options)
     model = _model(args)
@@ -103,7 +105,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     verify_images(calib)
     loader = make_loader(calib, config, batch_size=args.batch_size)
     start = time.perf_counter()
-    plan = make_plan(args.recipe, gm, loader, bias_correction=args.bias_correction, **options)
+    plan = make_plan(args.recipe, gm, loader, bias_correction=args.bias_correction,
+                     rounding_iters=args.adaround or 0, **options)
     check_plan_target(plan, args.target)
     plan.model = args.model
     plan.meta["plan_seconds"] = round(time.perf_counter() - start, 2)
@@ -216,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="backend the plan must run on (ort: per-tensor activations; tensorrt: symmetric int8 only)")
     p.add_argument("--bias-correction", action="store_true",
                    help="add to each quantized conv / linear bias the mean output shift its weight rounding causes")
+    p.add_argument("--adaround", type=int, nargs="?", const=500, default=None, metavar="ITERS",
+                   help="learn each conv / linear weight's rounding (AdaRound, ITERS steps per layer, default 500) "
+                        "after the recipe; slow: ~15 min for a lite0-sized model on 2 cores")
     p.add_argument("--out", default="plan.json")
     p.set_defaults(func=cmd_quantize)
 

@@ -33,6 +33,7 @@ from hyfx.graph import HybridGraph, analyze
 from hyfx.ops import getattr_path
 from hyfx.passes.insert_quant import insert_quant
 from hyfx.quant.quantizers import dequantize_log2, qd
+from hyfx.quant.rounding import flip_offsets
 from hyfx.quant.spec import QuantPlan, QuantSpec
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,8 @@ def folded_plan(plan: QuantPlan, folded_layers: list[str], factors: dict[str, to
     """The plan for the BatchNorm-folded graph: a symmetric calibrated weight spec is carried over exactly
     (`folded_weight_spec`, with the fold `factors`); any other weight spec of a folded convolution is
     uncalibrated (min-max again on the folded weights) and its layer listed as redone. Bias corrections are
-    scaled with the BatchNorm; a redone weight's correction, measured for the old rounding, is dropped."""
+    scaled with the BatchNorm; a redone weight's correction, measured for the old rounding, is dropped, and so
+    is its learned rounding (a carried one follows the sign of the fold)."""
     plan = copy.deepcopy(plan)
     factors = factors or {}
     redone = []
@@ -247,11 +249,14 @@ def folded_plan(plan: QuantPlan, folded_layers: list[str], factors: dict[str, to
             policy.bias_correction = tuple((torch.tensor(policy.bias_correction, dtype=torch.float64)
                                             * factors[layer].double()).tolist()) if same_rounding else None
         if carried is not None:
+            if policy.weight_rounding is not None:  # symmetric: the same codes, negated where k < 0
+                policy.weight_rounding = flip_offsets(policy.weight_rounding, factors[layer], layer)
             policy.weight = carried
             continue
         if policy.weight.calibrated:
             redone.append(layer)
         policy.weight = policy.weight.uncalibrated()
+        policy.weight_rounding = None  # learned for the scales just replaced
     return plan, redone
 
 
@@ -264,8 +269,7 @@ def symmetric_plan(plan: QuantPlan) -> QuantPlan:
     plan = copy.deepcopy(plan)
     for policy in plan.layers.values():
         if policy.weight is not None and policy.weight.kind == "uniform":
-            policy.weight = QuantSpec(bits=8, granularity="channel", scheme="symmetric", axis=0)
-            policy.bias_correction = None  # it belonged to the weight spec just replaced
+            policy.set_weight(QuantSpec(bits=8, granularity="channel", scheme="symmetric", axis=0))
         for idx, spec in list(policy.inputs.items()):
             policy.inputs[idx] = _symmetric_activation(spec)
         if policy.output is not None:

@@ -43,6 +43,7 @@ from hyfx.graph import HybridGraph, analyze
 from hyfx.ops import CONV, LINEAR, MATMUL, getattr_path, is_depthwise, node_shape
 from hyfx.quant.calibrate import batches
 from hyfx.quant.quantizers import calibrate_weight
+from hyfx.quant.rounding import flip_offsets
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
 from hyfx.quant.targets import cpu_has_vnni, cpu_weight_bits, exact_weight_layers
 from hyfx.recipes.bias_correction import correct_bias
@@ -416,14 +417,19 @@ def _region_plan(hg: HybridGraph, plan: QuantPlan, layers: Iterable[str], weight
         policy = LayerPolicy()
         if role == "layer" and node.meta["hyfx"]["kind"] in (CONV, LINEAR):
             depthwise = depthwise_bits is not None and is_depthwise(node, hg.gm)
+            recipe = plan.layers[name]
             if known and known.weight:
                 policy.weight, policy.bias_correction = known.weight, known.bias_correction
+                policy.weight_rounding = known.weight_rounding
             elif name in exact and not depthwise and weight_bits < 8:
                 weight = getattr_path(hg.gm, node.args[1].target).detach()
-                policy.weight = _uint8_weight(_cpu_weight(plan.layers[name].weight, 8, factors.get(name)), weight)
+                policy.weight = _uint8_weight(_cpu_weight(recipe.weight, 8, factors.get(name)), weight)
             else:
                 bits = depthwise_bits if depthwise else weight_bits
-                policy.weight = _cpu_weight(plan.layers[name].weight, bits, factors.get(name))
+                policy.weight = _cpu_weight(recipe.weight, bits, factors.get(name))
+                if policy.weight.calibrated and recipe.weight_rounding is not None:  # the recipe's own scales
+                    policy.weight_rounding = recipe.weight_rounding if name not in factors else \
+                        flip_offsets(recipe.weight_rounding, factors[name], name)
         # a clamp after an int8 conv rides on the conv's output quantizer (ORT drops it), so no Q in between
         for idx in (_tensor_args(node) if role not in ("cat", "act") else []):
             policy.inputs[idx] = known.inputs[idx] if known else recipe_specs.get(_source(node.args[idx]), activation)
@@ -475,7 +481,7 @@ def cpu_plan(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: It
     for layer, policy in out.layers.items():
         if policy.weight is not None and mse_weights and policy.weight.scheme == "symmetric":
             weight = getattr_path(hg.gm, hg.node(layer).args[1].target).detach()
-            policy.weight = mse_weight_spec(weight, policy.weight)
+            policy.set_weight(mse_weight_spec(weight, policy.weight))
     if any(p.bias_correction is not None for p in plan.layers.values()):  # measured again for these weights
         out = correct_bias(hg, out, calib_loader, max_batches=max_batches)
     return out, hg, weight_bits
@@ -695,8 +701,9 @@ def compile_cpu(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader:
     info.fp32_layers = [layer for layer in candidates if layer not in chosen]
     _, int8 = _region_plan(hg, plan, chosen, bits, specs=full)
     info.int8_ops = sorted(n.meta["hyfx"]["name"] for n, role in int8.items() if role != "layer")
-    if any(full.layers[layer].bias_correction is not None for layer in info.fp32_layers if layer in full.layers):
-        model = onnx_qdq.export(hg, vplan, None, target="ort", log2_mode=log2_mode).model  # no FP32 layer corrected
+    if any(full.layers[layer].bias_correction is not None or full.layers[layer].weight_rounding is not None
+           for layer in info.fp32_layers if layer in full.layers):  # baked into constants lower_subset cannot drop
+        model = onnx_qdq.export(hg, vplan, None, target="ort", log2_mode=log2_mode).model  # FP32 layers: own weights
     reference, _, _, _ = onnx_qdq.prepare(hg, vplan)
     report = replace(exported.report, quant_points=sum(1 for _ in vplan.specs()),
                      counts=onnx_qdq.check_qdq(model, "ort"), model_bytes=model.ByteSize())

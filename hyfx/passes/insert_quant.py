@@ -3,8 +3,9 @@
 Weights get a quantize → dequantize pair between their get_attr and the layer (per tensor or per
 output channel); activation inputs get a per-tensor pair on the edge into the layer (other consumers
 of the same tensor keep the float value); outputs (post-softmax) get their quantizer after the node.
-A layer's bias correction is added to its bias. The pairs are real `quantized_decomposed` graph nodes so
-later lowering passes see them.
+A layer's bias correction is added to its bias; a learned weight rounding replaces the weight by its rounded
+value on the spec's grid (the quantize → dequantize pair then reproduces it exactly). The pairs are real
+`quantized_decomposed` graph nodes so later lowering passes see them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch.fx as fx
 from hyfx.errors import HyfxError
 from hyfx.ops import QUANT, getattr_path, weight_arg
 from hyfx.quant.quantizers import calibrate_weight, qd
+from hyfx.quant.rounding import decode_offsets, rounded_weight
 from hyfx.quant.spec import QuantPlan, QuantSpec
 
 PLAN_META = "hyfx_plan"
@@ -105,6 +107,19 @@ def _correct_bias(gm: fx.GraphModule, node: fx.Node, layer: str, correction: tup
         node.args = tuple(args)
 
 
+def _rounded(gm: fx.GraphModule, node: fx.Node, weight_node: fx.Node, layer: str, value: torch.Tensor) -> fx.Node:
+    """A get_attr of `value` (the rounded weight) in place of `weight_node` as the layer's weight."""
+    name = f"_hyfx_{layer}_rounded_weight".replace(".", "_").replace("#", "_")
+    gm.register_buffer(name, value)
+    with gm.graph.inserting_before(node):
+        attr = gm.graph.get_attr(name)
+    attr.meta.update(weight_node.meta)
+    node.replace_input_with(weight_node, attr)
+    if not weight_node.users:
+        gm.graph.erase_node(weight_node)
+    return attr
+
+
 def _require_calibrated(spec: QuantSpec, layer: str, role: str) -> None:
     if not spec.calibrated:
         raise HyfxError(f"plan entry {layer} {role} has no scale: calibrate the plan (a recipe with calibration data)")
@@ -128,8 +143,15 @@ def insert_quant(gm: fx.GraphModule, plan: QuantPlan) -> fx.GraphModule:
             weight_node = weight_arg(node)
             if weight_node is None:
                 raise HyfxError(f"plan quantizes the weight of {layer}, which has no constant weight")
-            spec = calibrate_weight(getattr_path(gm, weight_node.target), policy.weight)
+            weight = getattr_path(gm, weight_node.target).detach()
+            spec = calibrate_weight(weight, policy.weight)
+            if policy.weight_rounding is not None:
+                weight_node = _rounded(gm, node, weight_node, layer,
+                                       rounded_weight(weight, spec, decode_offsets(policy.weight_rounding,
+                                                                                   weight.shape, layer)))
             node.replace_input_with(weight_node, _insert_qdq(gm, weight_node, spec, layer, "weight"))
+        elif policy.weight_rounding is not None:
+            raise HyfxError(f"plan rounds the weight of {layer} but gives no weight spec: the plan is inconsistent")
         for idx, spec in sorted(policy.inputs.items()):
             _require_calibrated(spec, layer, f"input{idx}")
             src = node.args[idx] if idx < len(node.args) else None

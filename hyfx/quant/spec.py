@@ -116,16 +116,25 @@ class LayerPolicy:
     """Quantization of one layer: its weight, its activation inputs (by argument index), its output.
 
     `bias_correction` (per output channel, added to the layer's bias) undoes the mean output shift that
-    rounding the weight causes (hyfx.recipes.bias_correction); it belongs to the weight spec it was measured with.
+    rounding the weight causes (hyfx.recipes.bias_correction); `weight_rounding` (hyfx.quant.rounding) is a
+    learned rounding of the weight (hyfx.recipes.adaround). Both belong to the weight spec they were made with.
     """
 
     weight: QuantSpec | None = None
     inputs: dict[int, QuantSpec] = field(default_factory=dict)
     output: QuantSpec | None = None
     bias_correction: tuple[float, ...] | None = None
+    weight_rounding: str | None = None
 
     def is_empty(self) -> bool:
-        return self.weight is None and not self.inputs and self.output is None and self.bias_correction is None
+        return (self.weight is None and not self.inputs and self.output is None and self.bias_correction is None
+                and self.weight_rounding is None)
+
+    def set_weight(self, spec: QuantSpec | None) -> None:
+        """Replace the weight spec; the bias correction and rounding made for the old one go unless it is equal."""
+        if spec != self.weight:
+            self.bias_correction = self.weight_rounding = None
+        self.weight = spec
 
     def to_dict(self) -> dict:
         data = {
@@ -135,6 +144,8 @@ class LayerPolicy:
         }
         if self.bias_correction is not None:
             data["bias_correction"] = list(self.bias_correction)
+        if self.weight_rounding is not None:
+            data["weight_rounding"] = self.weight_rounding
         return data
 
     @classmethod
@@ -145,6 +156,7 @@ class LayerPolicy:
             inputs={int(k): QuantSpec.from_dict(v) for k, v in (data.get("inputs") or {}).items()},
             output=QuantSpec.from_dict(data["output"]) if data.get("output") else None,
             bias_correction=tuple(float(v) for v in correction) if correction is not None else None,
+            weight_rounding=data.get("weight_rounding"),
         )
 
 
@@ -180,6 +192,9 @@ class QuantPlan:
         corrected = sum(p.bias_correction is not None for p in self.layers.values())
         if corrected:
             counts["bias_correction"] = corrected
+        rounded = sum(p.weight_rounding is not None for p in self.layers.values())
+        if rounded:
+            counts["weight_rounding"] = rounded
         return dict(sorted(counts.items()))
 
     def to_dict(self) -> dict:

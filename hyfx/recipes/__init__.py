@@ -9,6 +9,7 @@ import torch.fx as fx
 from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph
 from hyfx.quant.spec import QuantPlan
+from hyfx.recipes.adaround import adaround
 from hyfx.recipes.bias_correction import correct_bias
 from hyfx.recipes.easyquant import easyquant
 from hyfx.recipes.efficientquant import efficientquant
@@ -35,11 +36,14 @@ def get_recipe(name: str) -> Callable:
 
 
 def make_plan(name: str, gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, bias_correction: bool = False,
-              **options) -> QuantPlan:
-    """The plan of recipe `name` (its `options` passed on), bias-corrected afterwards when asked."""
+              rounding_iters: int = 0, **options) -> QuantPlan:
+    """The plan of recipe `name` (its `options` passed on), then, when asked, its weights' rounding learned
+    (AdaRound, `rounding_iters` steps per layer) and its bias corrected (measured for the rounding in force)."""
     plan = get_recipe(name)(gm, calib_loader, **options)
+    if rounding_iters:
+        plan = adaround(gm, plan, calib_loader, iters=rounding_iters, progress=options.get("progress", True))
     return correct_bias(gm, plan, calib_loader) if bias_correction else plan
 
 
-__all__ = ["RECIPES", "correct_bias", "easyquant", "efficientquant", "get_recipe", "hysquant", "make_plan", "minmax",
+__all__ = ["RECIPES", "adaround", "correct_bias", "easyquant", "efficientquant", "get_recipe", "hysquant", "make_plan", "minmax",
            "percentile", "ptq4vit", "qhyvit"]

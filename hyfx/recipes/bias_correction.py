@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph
-from hyfx.ops import CONV, LINEAR
+from hyfx.ops import CONV, LINEAR, weight_arg
 from hyfx.passes.insert_quant import getattr_path, insert_quant
 from hyfx.quant.calibrate import batches
 from hyfx.quant.spec import QuantPlan
@@ -53,13 +53,6 @@ def _channel_mean(y: torch.Tensor, dim: int) -> torch.Tensor:
     return y.double().mean(dims)
 
 
-def _float_weight(quantized_weight: fx.Node, gm: fx.GraphModule) -> torch.Tensor:
-    node = quantized_weight
-    while node.op != "get_attr":  # dequantize ← quantize ← the weight constant
-        node = node.args[0]
-    return getattr_path(gm, node.target).detach()
-
-
 def correct_bias(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: Iterable,
                  max_batches: int | None = None) -> QuantPlan:
     """A copy of `plan` whose weight-quantized conv / linear layers carry their measured bias correction.
@@ -80,7 +73,8 @@ def correct_bias(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader
         kind = node.meta["hyfx"]["kind"]
         if kind not in (CONV, LINEAR) or node.op != "call_function":
             continue
-        layers[node] = (layer, 1 if kind == CONV else -1, _float_weight(node.args[1], qgm))
+        weight = getattr_path(hg.gm, weight_arg(hg.node(layer)).target).detach()  # not the rounded one in qgm
+        layers[node] = (layer, 1 if kind == CONV else -1, weight)
     if not layers:
         return plan
     meter = _ShiftMeter(qgm, layers)
