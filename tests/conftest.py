@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import hyfx
 from hyfx.data import ImageSet, find_sample_dir, load_image_folder
 
 torch.manual_seed(0)
@@ -15,3 +16,28 @@ def sample_images() -> ImageSet:
     if root is None:
         pytest.skip("ImageNet sample folder not found (../shared/data/imagenet-sample or $HYFX_SAMPLE_DIR)")
     return load_image_folder(root)
+
+
+class ConvHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(6)
+        self.fc = torch.nn.Linear(6, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def conv_head():
+    """(model, analysed graph, calibration batches): a conv + BatchNorm + linear head whose BN has negative scales
+    (the fold negates a conv's channels) and whose input has a non-zero mean (rounding shifts the outputs)."""
+    torch.manual_seed(0)
+    model = ConvHead().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.uniform_(-2.0, 2.0)
+    calib = [torch.randn(4, 3, 8, 8) + 0.5 for _ in range(3)]
+    return model, hyfx.analyze(hyfx.capture(model, calib[0][:1])), calib

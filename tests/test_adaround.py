@@ -14,29 +14,6 @@ from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
 from hyfx.recipes.adaround import adaround, learn_rounding
 
 
-class ConvHead(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False)
-        self.bn = torch.nn.BatchNorm2d(6)
-        self.fc = torch.nn.Linear(6, 5)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
-@pytest.fixture(scope="module")
-def conv_head():
-    torch.manual_seed(0)
-    model = ConvHead().eval()
-    with torch.no_grad():
-        model.bn.running_mean.uniform_(-0.5, 0.5)
-        model.bn.running_var.uniform_(0.5, 2.0)
-        model.bn.weight.uniform_(-2.0, 2.0)  # negative BN scales: the fold flips the learned offsets
-    calib = [torch.randn(4, 3, 8, 8) + 0.5 for _ in range(3)]
-    return model, hyfx.analyze(hyfx.capture(model, calib[0][:1])), calib
-
-
 def _spec(weight: torch.Tensor, bits: int = 3, scheme: str = "symmetric") -> QuantSpec:
     return calibrate_weight(weight, QuantSpec(bits=bits, granularity="channel", scheme=scheme, axis=0))
 

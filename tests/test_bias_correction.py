@@ -17,29 +17,6 @@ from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
 from hyfx.recipes.bias_correction import correct_bias
 
 
-class ConvHead(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False)
-        self.bn = torch.nn.BatchNorm2d(6)
-        self.fc = torch.nn.Linear(6, 5)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
-
-
-@pytest.fixture(scope="module")
-def conv_head():
-    torch.manual_seed(0)
-    model = ConvHead().eval()
-    with torch.no_grad():
-        model.bn.running_mean.uniform_(-0.5, 0.5)
-        model.bn.running_var.uniform_(0.5, 2.0)
-        model.bn.weight.uniform_(-2.0, 2.0)  # negative BN scales too: the fold must flip nothing
-    calib = [torch.randn(4, 3, 8, 8) + 0.5 for _ in range(3)]  # a non-zero input mean makes rounding shift outputs
-    return model, hyfx.analyze(hyfx.capture(model, calib[0][:1])), calib
-
-
 def _weights_only(hg, bits: int = 3) -> QuantPlan:
     spec = QuantSpec(bits=bits, granularity="tensor", scheme="symmetric")
     return QuantPlan("weights", {"conv": LayerPolicy(weight=spec), "fc": LayerPolicy(weight=spec)})
