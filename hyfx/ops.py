@@ -116,6 +116,17 @@ def getattr_path(module: torch.nn.Module, target: str) -> torch.Tensor:
     return obj
 
 
+def batchnorm_factor(gm: fx.GraphModule, bn: fx.Node) -> torch.Tensor | None:
+    """γ / sqrt(var + eps) per channel of an inference `aten.batch_norm` node whose γ and var are graph
+    constants (no γ: 1), or None: the factor folding multiplies the preceding conv's weights by."""
+    gamma, var = bn.args[1], bn.args[4]
+    if not isinstance(var, fx.Node) or var.op != "get_attr" or \
+            (gamma is not None and (not isinstance(gamma, fx.Node) or gamma.op != "get_attr")):
+        return None
+    factor = torch.rsqrt(getattr_path(gm, var.target).detach() + float(bn.args[7]))
+    return factor * getattr_path(gm, gamma.target).detach() if gamma is not None else factor
+
+
 def is_depthwise(node: fx.Node, gm: fx.GraphModule) -> bool:
     """A convolution with one input and one output channel per group (weight (C, 1, kh, kw) on C channels):
     int8 runtimes run it with a direct kernel rather than a GEMM."""

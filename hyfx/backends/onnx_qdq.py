@@ -30,7 +30,7 @@ from onnx import TensorProto, defs, helper, numpy_helper
 
 from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph, analyze
-from hyfx.ops import getattr_path
+from hyfx.ops import batchnorm_factor, getattr_path
 from hyfx.passes.insert_quant import insert_quant
 from hyfx.quant.quantizers import dequantize_log2, qd
 from hyfx.quant.rounding import flip_offsets
@@ -183,12 +183,10 @@ def fold_batchnorm(gm: fx.GraphModule, keep: set[str] = frozenset()) -> tuple[fx
             continue
         if any(isinstance(a, fx.Node) and a.op != "get_attr" for a in bn.args[1:5]):
             continue
-        params = [getattr_path(gm, a.target).detach() if isinstance(a, fx.Node) else None for a in bn.args[1:5]]
-        gamma, beta, mean, var = params
-        eps = float(bn.args[7])
+        beta, mean = [getattr_path(gm, a.target).detach() if isinstance(a, fx.Node) else None for a in bn.args[2:4]]
         weight = getattr_path(gm, weight_node.target).detach()
         bias = getattr_path(gm, bias_node.target).detach() if bias_node is not None else torch.zeros(weight.shape[0])
-        factor = torch.rsqrt(var + eps) * (gamma if gamma is not None else 1.0)
+        factor = batchnorm_factor(gm, bn)
         new_weight = weight * factor.reshape(-1, *([1] * (weight.dim() - 1)))
         new_bias = (bias - mean) * factor + (beta if beta is not None else 0.0)
         prefix = "_hyfx_folded_" + conv.name

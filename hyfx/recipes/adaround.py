@@ -32,9 +32,9 @@ from tqdm import tqdm
 
 from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph
-from hyfx.ops import CONV, LINEAR, getattr_path, weight_arg
+from hyfx.ops import CONV, LINEAR, batchnorm_factor, getattr_path, weight_arg
 from hyfx.passes.insert_quant import insert_quant, resolved_weight_specs
-from hyfx.quant.rounding import encode_offsets, offsets_from_codes, weight_grid
+from hyfx.quant.rounding import encode_offsets, offsets_from_codes, rounded_weight, weight_grid
 from hyfx.quant.spec import QuantPlan, QuantSpec
 from hyfx.recipes.common import analysed
 from hyfx.recipes.sampling import calibration_images
@@ -77,13 +77,8 @@ def _bn_factor(node: fx.Node, channels: int) -> torch.Tensor | None:
     users = list(node.users)
     if len(users) != 1 or users[0].target != aten.batch_norm.default:  # what capture leaves in an inference graph
         return None
-    bn = users[0]
-    weight, var, eps = bn.args[1], bn.args[4], bn.args[7]
-    if not all(isinstance(a, fx.Node) and a.op == "get_attr" for a in (weight, var)):
-        return None
-    gm = node.graph.owning_module
-    factor = getattr_path(gm, weight.target).detach() / torch.sqrt(getattr_path(gm, var.target).detach() + eps)
-    return factor if factor.numel() == channels else None
+    factor = batchnorm_factor(node.graph.owning_module, users[0])
+    return factor if factor is not None and factor.numel() == channels else None
 
 
 def learn_rounding(layer_fn, weight: torch.Tensor, spec: QuantSpec, x: torch.Tensor, target: torch.Tensor,
@@ -122,13 +117,6 @@ def learn_rounding(layer_fn, weight: torch.Tensor, spec: QuantSpec, x: torch.Ten
         opt.step()
     with torch.no_grad():
         return torch.clamp(floor + (v >= 0).to(weight.dtype) + zero_point, spec.qmin, spec.qmax) - zero_point
-
-
-def _weight_node(qnode: fx.Node) -> fx.Node:
-    node = qnode.args[1]
-    while node.op != "get_attr":  # dequantize ← quantize ← the weight constant
-        node = node.args[0]
-    return node
 
 
 def adaround(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: Iterable, iters: int = 500,
@@ -182,8 +170,8 @@ def adaround(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: It
                                iters=iters, batch=batch, lr=lr, reg=reg)
         offsets = offsets_from_codes(weight, specs[layer], codes)
         plan.layers[layer].weight_rounding = encode_offsets(offsets)
-        with torch.no_grad():  # later layers see this layer's rounding (the quantizer after it is idempotent)
-            getattr_path(qgm, _weight_node(qnode).target).copy_(codes * weight_grid(weight, specs[layer])[0])
+        with torch.no_grad():  # later layers see the rounding as insert_quant applies it (its quantizer is idempotent)
+            getattr_path(qgm, weight_arg(node).target).copy_(rounded_weight(weight, specs[layer], offsets))
     plan.meta["adaround"] = {"layers": len(layers), "objective": objective, "iters": iters, "batch": batch, "lr": lr, "reg": reg,
                              "n_images": sum(x.shape[0] for x in images),
                              "seconds": round(time.perf_counter() - start, 1)}
