@@ -13,6 +13,8 @@ absolute seconds vary by several times between runs). Finally the mobilevit_xxs 
     python benchmarks/accuracy.py --models lite0-real --bits 8 --recipes minmax qhyvit --no-ablation
     python benchmarks/accuracy.py --models lite0-real --bits 6 --recipes qhyvit --no-ablation --no-xxs --adaround \
         --out benchmarks/results/accuracy_adaround_lite0-real
+    python benchmarks/accuracy.py --models lite0-vit-real --bits 8 6 --recipes minmax qhyvit --no-ablation --no-xxs \
+        --adaround --split-outliers --out benchmarks/results/accuracy_split_lite0-vit-real
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import hyfx
 from hyfx import zoo
 from hyfx.bench import METHODS, accuracy_tables, bench_images, fp32_pass_seconds, variants
 from hyfx.data import data_config, example_input, find_sample_dir, load_image_folder, make_loader, split
+from hyfx.passes.split_outliers import META_KEY as SPLIT_META
 from hyfx.recipes import RECIPES
 from hyfx.recipes.sampling import calibration_images
 
@@ -46,12 +49,14 @@ def real_models() -> list[str]:
 
 
 def run_model(name: str, bits_list: list[int], recipes: list[str], ablation: bool, n_calib: int, n_eval: int | None,
-              seed: int, out: dict, save, learned: bool = False) -> None:
+              seed: int, out: dict, save, learned: bool = False, split_outliers: float | None = None) -> None:
     model = zoo.create(name)
     config = data_config(model)
     calib, evaluation = bench_images(name, n_calib=n_calib, n_eval=n_eval, seed=seed)
-    hg = hyfx.analyze(hyfx.capture(model, example_input(config)))
+    hg = hyfx.analyze(hyfx.capture(model, example_input(config)), split_outliers)
     entry = out["models"].setdefault(name, {"n_calib": len(calib), "n_eval": len(evaluation)})
+    if split_outliers is not None:
+        entry["split_outliers"] = hg.gm.meta[SPLIT_META]
 
     def update(tables: dict) -> None:
         entry.update(tables)
@@ -88,7 +93,14 @@ def markdown(out: dict) -> str:
              "Plan time is quoted with its ratio to one FP32 forward+backward pass over the calibration images "
              "timed in the same run (shared machine: absolute seconds vary between runs).", ""]
     for name, entry in out["models"].items():
-        lines += [f"## {name} ({entry['n_eval']} evaluation images; FP32 pass {entry['fp32_pass_seconds']} s)", "",
+        lines += [f"## {name} ({entry['n_eval']} evaluation images; FP32 pass {entry['fp32_pass_seconds']} s)", ""]
+        if "split_outliers" in entry:
+            split = entry["split_outliers"]
+            lines += [f"Every recipe ran on the graph with conv outlier weights split out (threshold "
+                      f"{split['threshold']} robust σ): " + (", ".join(
+                          f"`{k}` ({v['outliers']} weights, {v['kernel'][0]}×{v['kernel'][1]}, range ÷{v['range_gain']})"
+                          for k, v in split["layers"].items()) or "no conv qualified") + ".", ""]
+        lines += [
                   "| bits | recipe | top-1 | top-5 | top-1 95% CI | drop vs FP32 (pt) | agreement | KL | plan s (× FP32 pass) |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for bits, rows in entry["bits"].items():
@@ -118,6 +130,8 @@ def main() -> None:
     parser.add_argument("--no-xxs", action="store_true", help="skip the mobilevit_xxs plan-time measurement")
     parser.add_argument("--adaround", action="store_true",
                         help="add a 'qhyvit + AdaRound' row (learned weight rounding; ~15 min per model and bit-width)")
+    parser.add_argument("--split-outliers", type=float, nargs="?", const=16.0, default=None, metavar="SIGMA",
+                        help="run every recipe on the graph with conv outlier weights split out (hyfx.passes.split_outliers)")
     parser.add_argument("--n-calib", type=int, default=32)
     parser.add_argument("--n-eval", type=int, default=None, help="default: every other image")
     parser.add_argument("--seed", type=int, default=0)
@@ -136,7 +150,7 @@ def main() -> None:
 
     for name in args.models or real_models():
         run_model(name, args.bits, args.recipes, not args.no_ablation, args.n_calib, args.n_eval, args.seed, out, save,
-                  args.adaround)
+                  args.adaround, args.split_outliers)
     if not args.no_xxs:
         xxs_timing(out, save)
     save()

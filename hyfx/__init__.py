@@ -7,7 +7,7 @@ import torch.fx as fx
 from hyfx import recipes
 from hyfx.capture import capture
 from hyfx.errors import HyfxError
-from hyfx.graph import HybridGraph, analyze
+from hyfx.graph import HybridGraph, analyze, analyze_for
 from hyfx.passes.insert_quant import insert_quant
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec, load_plan, save_plan
 
@@ -16,8 +16,7 @@ __version__ = "0.1.0"
 
 def quantize(gm: fx.GraphModule | HybridGraph, plan: QuantPlan) -> fx.GraphModule:
     """The quantized model: `gm` analysed (attention decomposed, tagged) with the plan's quantizers inserted."""
-    hg = gm if isinstance(gm, HybridGraph) else analyze(gm)
-    return insert_quant(hg.gm, plan)
+    return insert_quant(analyze_for(gm, plan).gm, plan)
 
 
 def export(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, path=None, target: str = "ort", **options):

@@ -20,6 +20,7 @@ from hyfx.data import ImageSet, data_config, example_input, load_image_folder, m
 from hyfx.errors import HyfxError
 from hyfx.evaluate import compare
 from hyfx.graph import HybridGraph
+from hyfx.passes.split_outliers import META_KEY as SPLIT_META
 from hyfx.quant.spec import check_bits
 from hyfx.quant.targets import TARGETS, check_bits_for_target, check_plan_target
 from hyfx.recipes import RECIPES, get_recipe, make_plan
@@ -97,6 +98,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     options = _recipe_options(args)  # bad bit-widths fail before the model is built
     if args.adaround is not None and args.adaround < 1:
         raise HyfxError(f"--adaround {args.adaround}: give a positive number of steps per layer (default 500)")
+    if args.split_outliers is not None and args.split_outliers <= 0:
+        raise HyfxError(f"--split-outliers {args.split_outliers}: give a positive number of standard deviations")
     recipe = get_recipe(args.recipe)
     options = _target_options(args, recipe, options)
     model = _model(args)
@@ -105,7 +108,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     verify_images(calib)
     loader = make_loader(calib, config, batch_size=args.batch_size)
     start = time.perf_counter()
-    plan = make_plan(args.recipe, gm, loader, bias_correction=args.bias_correction,
+    graph = hyfx.analyze(gm, args.split_outliers) if args.split_outliers is not None else gm
+    plan = make_plan(args.recipe, graph, loader, bias_correction=args.bias_correction,
                      rounding_iters=args.adaround or 0, **options)
     check_plan_target(plan, args.target)
     plan.model = args.model
@@ -114,6 +118,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     hyfx.save_plan(plan, args.out)
     print(f"{args.recipe} plan for {args.model}: {len(plan.layers)} layers, {plan.summary()}; "
           f"{len(calib)} calibration images; {plan.meta['plan_seconds']} s → {args.out}")
+    if isinstance(graph, HybridGraph):
+        split_layers = graph.gm.meta[SPLIT_META]["layers"]
+        print(f"outlier weights split out of {len(split_layers)} convs: {', '.join(split_layers) or 'none'}")
     return 0
 
 
@@ -222,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaround", type=int, nargs="?", const=500, default=None, metavar="ITERS",
                    help="learn each conv / linear weight's rounding (AdaRound, ITERS steps per layer, default 500) "
                         "after the recipe; slow: ~15 min for a lite0-sized model on 2 cores")
+    p.add_argument("--split-outliers", type=float, nargs="?", const=16.0, default=None, metavar="SIGMA",
+                   help="first move conv weights more than SIGMA robust std devs from their channel's median "
+                        "(default 16) into a conv of their own, so the rest keep low-bit resolution; "
+                        "the plan records it and eval / export apply it")
     p.add_argument("--out", default="plan.json")
     p.set_defaults(func=cmd_quantize)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import networkx as nx
 import torch.fx as fx
@@ -12,7 +13,12 @@ from hyfx.errors import HyfxError
 from hyfx.ops import CONV, LINEAR, MATMUL, node_shape
 from hyfx.passes.bridges import Bridge, find_bridges
 from hyfx.passes.decompose_attention import decompose_attention
+from hyfx.passes.split_outliers import META_KEY as SPLIT_META
+from hyfx.passes.split_outliers import split_weight_outliers
 from hyfx.passes.tag import tag
+
+if TYPE_CHECKING:
+    from hyfx.quant.spec import QuantPlan
 
 QUANTIZABLE_KINDS = (CONV, LINEAR, MATMUL)
 
@@ -73,8 +79,14 @@ class HybridGraph:
         return graph
 
 
-def analyze(gm: fx.GraphModule) -> HybridGraph:
-    """Decompose fused attention, tag every node, group blocks and find bridges."""
+def analyze(gm: fx.GraphModule, split_outliers: float | None = None) -> HybridGraph:
+    """Decompose fused attention, tag every node, group blocks and find bridges.
+
+    `split_outliers`: first split the outlier weights of convs into their own conv at this many robust
+    standard deviations (hyfx.passes.split_outliers; plans made on that graph record it).
+    """
+    if split_outliers is not None:
+        gm = split_weight_outliers(gm, split_outliers)
     tagged = tag(decompose_attention(gm))
     blocks: dict[str, Block] = {}
     for node in tagged.graph.nodes:
@@ -89,3 +101,16 @@ def analyze(gm: fx.GraphModule) -> HybridGraph:
     for bridge in bridges:
         blocks[bridge.block].bridge = True
     return HybridGraph(tagged, list(blocks.values()), bridges)
+
+
+def split_threshold(hg: HybridGraph) -> float | None:
+    """The outlier-split threshold the graph was analysed with (None: not split)."""
+    info = hg.gm.meta.get(SPLIT_META)
+    return info["threshold"] if info else None
+
+
+def analyze_for(gm: fx.GraphModule | HybridGraph, plan: QuantPlan) -> HybridGraph:
+    """`gm` analysed as `plan` was made: with the outlier split it records (plan.meta["split_outliers"])."""
+    if isinstance(gm, HybridGraph):
+        return gm
+    return analyze(gm, plan.meta.get("split_outliers"))

@@ -29,7 +29,7 @@ import torch.fx as fx
 from onnx import TensorProto, defs, helper, numpy_helper
 
 from hyfx.errors import HyfxError
-from hyfx.graph import HybridGraph, analyze
+from hyfx.graph import HybridGraph, analyze_for
 from hyfx.ops import batchnorm_factor, getattr_path
 from hyfx.passes.insert_quant import insert_quant
 from hyfx.quant.quantizers import dequantize_log2, qd
@@ -780,7 +780,7 @@ def lower_subset(result: ExportResult, keep: set[tuple[str, str]]) -> onnx.Model
 def prepare(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, fold_bn: bool = True
             ) -> tuple[fx.GraphModule, QuantPlan, list[str], list[str]]:
     """(quantized reference graph, plan as applied, folded conv layers, convs whose weight scales were redone)."""
-    hg = gm if isinstance(gm, HybridGraph) else analyze(gm)
+    hg = analyze_for(gm, plan)
     graph, folded = hg.gm, []
     if fold_bn:
         graph, folded = fold_batchnorm(hg.gm, keep=set(plan.layers))
@@ -802,7 +802,7 @@ def export(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, path: str | Path |
     if symmetric:
         plan = symmetric_plan(plan)
     check_plan(plan, target)
-    hg = gm if isinstance(gm, HybridGraph) else analyze(gm)
+    hg = analyze_for(gm, plan)
     shape = hg.gm.meta.get("hyfx_example_shape")
     if shape is None:
         raise HyfxError("graph has no recorded example input shape: capture the model with hyfx.capture")

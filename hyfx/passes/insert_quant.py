@@ -17,6 +17,7 @@ import torch.fx as fx
 
 from hyfx.errors import HyfxError
 from hyfx.ops import QUANT, getattr_path, weight_arg
+from hyfx.passes.split_outliers import META_KEY as SPLIT_META
 from hyfx.quant.quantizers import calibrate_weight, qd
 from hyfx.quant.rounding import decode_offsets, rounded_weight
 from hyfx.quant.spec import QuantPlan, QuantSpec
@@ -130,6 +131,10 @@ def insert_quant(gm: fx.GraphModule, plan: QuantPlan) -> fx.GraphModule:
     gm = copy.deepcopy(gm)
     index = {n.meta["hyfx"]["name"]: n for n in gm.graph.nodes if "hyfx" in n.meta}
     missing = sorted(set(plan.layers) - set(index))
+    split = plan.meta.get("split_outliers")
+    if missing and split is not None and SPLIT_META not in gm.meta:
+        raise HyfxError(f"plan was made with conv outlier weights split (threshold {split}) but this graph was "
+                        f"not: analyse it with hyfx.analyze(gm, split_outliers={split}) or pass the captured graph")
     if missing:
         raise HyfxError(
             f"plan names {len(missing)} layers this model does not have (e.g. {missing[0]!r}): "
