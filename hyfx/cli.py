@@ -21,6 +21,7 @@ from hyfx.errors import HyfxError
 from hyfx.evaluate import compare
 from hyfx.graph import HybridGraph
 from hyfx.passes.split_outliers import META_KEY as SPLIT_META
+from hyfx.passes.split_outliers import split_weight_outliers
 from hyfx.quant.spec import check_bits
 from hyfx.quant.targets import TARGETS, check_bits_for_target, check_plan_target
 from hyfx.recipes import RECIPES, get_recipe, make_plan
@@ -54,11 +55,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     hg = hyfx.analyze(gm)
     print(capture_report(gm).summary())
     print(block_table(hg))
+    outliers = split_weight_outliers(gm).meta[SPLIT_META]["layers"]
+    if outliers:  # worth knowing before choosing low bit-widths
+        gains = ", ".join(f"{k} range ÷{v['range_gain']}" for k, v in outliers.items())
+        print(f"weight outliers: {len(outliers)} convs hold weights far outside their channel's spread ({gains}); "
+              "quantize with --split-outliers to keep low-bit resolution there")
     if args.graph:
         for path in args.graph:
             print(f"wrote {write_graph(hg, path)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(_inspect_json(hg), indent=1) + "\n")
+        Path(args.json).write_text(json.dumps({**_inspect_json(hg), "weight_outliers": outliers}, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,12 @@ def test_split_cuts_the_w6_error_of_the_real_hybrid(sample_images):
 def test_cli_refuses_a_non_positive_threshold(capsys):
     code = main(["quantize", "lite0-real", "--recipe", "minmax", "--calib", "x", "--split-outliers", "0"])
     assert code == 2 and "--split-outliers 0.0: give a positive number of standard deviations" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not zoo.HYBRID_CHECKPOINT.is_file(), reason="lite0-vit-real checkpoint not built")
+def test_inspect_names_the_convs_with_outliers(tmp_path, capsys):
+    assert main(["inspect", "lite0-vit-real", "--json", str(tmp_path / "blocks.json")]) == 0
+    out = capsys.readouterr().out
+    assert "weight outliers: 2 convs" in out and "--split-outliers" in out
+    found = json.loads((tmp_path / "blocks.json").read_text())["weight_outliers"]
+    assert sorted(found) == ["blocks.4.2.conv_fusion.conv", "blocks.5.3.conv_fusion.conv"]
