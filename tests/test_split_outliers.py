@@ -63,6 +63,7 @@ def test_split_is_exact_and_leaves_the_batchnorm_on_the_rest_conv(centre_only):
     assert [u.target for u in rest.users] == [aten.batch_norm.default]  # BN still folds into the rest conv
     hg = hyfx.analyze(gm, split_outliers=16.0)
     assert hg.tags("conv.outliers")["kind"] == "conv" and hg.tags("conv")["kind"] == "conv"
+    assert split_weight_outliers(split).meta[META_KEY]["layers"] == {}  # nothing left to split, twice is once
 
 
 def test_ordinary_weights_are_not_split():

@@ -39,7 +39,7 @@ import torch.fx as fx
 from onnx import TensorProto, helper, numpy_helper
 
 from hyfx.evaluate import Predictions, accuracy
-from hyfx.graph import HybridGraph, analyze
+from hyfx.graph import HybridGraph, analyze, analyze_for
 from hyfx.ops import CONV, LINEAR, MATMUL, getattr_path, is_depthwise, node_shape
 from hyfx.quant.calibrate import batches
 from hyfx.quant.quantizers import calibrate_weight
@@ -344,10 +344,9 @@ def decompose_silu(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
-def cpu_graph(gm: fx.GraphModule | HybridGraph, split_outliers: float | None = None) -> HybridGraph:
-    """The analysed graph as the CPU lowering runs it: BatchNorm folded into convs, SiLU as x · sigmoid(x)
-    (`split_outliers`: the outlier split a plan for a captured graph was made with)."""
-    hg = gm if isinstance(gm, HybridGraph) else analyze(gm, split_outliers)
+def cpu_graph(gm: fx.GraphModule | HybridGraph) -> HybridGraph:
+    """The analysed graph as the CPU lowering runs it: BatchNorm folded into convs, SiLU as x · sigmoid(x)."""
+    hg = gm if isinstance(gm, HybridGraph) else analyze(gm)
     folded, _ = onnx_qdq.fold_batchnorm(hg.gm)
     return HybridGraph(decompose_silu(folded), hg.blocks, hg.bridges)
 
@@ -465,7 +464,7 @@ def cpu_plan(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: It
     so do `exact_weights` (default `exact_weight_layers`: transformer blocks and bridges) through u8u8 kernels.
     A recipe plan with bias corrections gets them measured again for the weights chosen here.
     """
-    hg = cpu_graph(gm, plan.meta.get("split_outliers"))
+    hg = cpu_graph(analyze_for(gm, plan))
     default = weight_bits is None
     depthwise_bits = cpu_weight_bits(depthwise=True) if default else weight_bits
     weight_bits = cpu_weight_bits() if default else weight_bits

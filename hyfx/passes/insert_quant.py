@@ -132,9 +132,9 @@ def insert_quant(gm: fx.GraphModule, plan: QuantPlan) -> fx.GraphModule:
     index = {n.meta["hyfx"]["name"]: n for n in gm.graph.nodes if "hyfx" in n.meta}
     missing = sorted(set(plan.layers) - set(index))
     split = plan.meta.get("split_outliers")
-    if missing and split is not None and SPLIT_META not in gm.meta:
-        raise HyfxError(f"plan was made with conv outlier weights split (threshold {split}) but this graph was "
-                        f"not: analyse it with hyfx.analyze(gm, split_outliers={split}) or pass the captured graph")
+    if missing and SPLIT_META not in gm.meta and (split is not None or any(m.endswith(".outliers") for m in missing)):
+        raise HyfxError(f"plan was made with conv outlier weights split (threshold {split or 'as chosen'}) but this "
+                        f"graph was not: analyse it with hyfx.analyze(gm, split_outliers={split or 16.0}) as the plan was")
     if missing:
         raise HyfxError(
             f"plan names {len(missing)} layers this model does not have (e.g. {missing[0]!r}): "

@@ -32,11 +32,11 @@ _MIN_ROW = 32  # a row's spread is measured robustly; depthwise rows (9 weights)
 
 def outlier_mask(weight: torch.Tensor, threshold: float) -> torch.Tensor:
     """Weights more than `threshold` robust standard deviations (1.4826 × median absolute deviation) from
-    their output channel's median."""
+    their output channel's median. Rows with no spread (mostly zeros: pruned, or already split) have none."""
     rows = weight.detach().flatten(1)
     median = rows.median(1, keepdim=True).values
     spread = 1.4826 * (rows - median).abs().median(1, keepdim=True).values
-    return ((rows - median).abs() > threshold * spread.clamp_min(1e-12)).reshape(weight.shape)
+    return (((rows - median).abs() > threshold * spread) & (spread > 0)).reshape(weight.shape)
 
 
 def _conv_args(node: fx.Node) -> list:
