@@ -55,11 +55,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     hg = hyfx.analyze(gm)
     print(capture_report(gm).summary())
     print(block_table(hg))
-    outliers = split_weight_outliers(gm).meta[SPLIT_META]["layers"]
-    if outliers:  # worth knowing before choosing low bit-widths
-        gains = ", ".join(f"{k} range ÷{v['range_gain']}" for k, v in outliers.items())
-        print(f"weight outliers: {len(outliers)} convs hold weights far outside their channel's spread ({gains}); "
-              "quantize with --split-outliers to keep low-bit resolution there")
+    outliers = _weight_outliers(gm)
     if args.graph:
         for path in args.graph:
             print(f"wrote {write_graph(hg, path)}")
@@ -67,6 +63,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps({**_inspect_json(hg), "weight_outliers": outliers}, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _weight_outliers(gm: torch.fx.GraphModule) -> dict:
+    """The convs `--split-outliers` would split, announced: worth knowing before choosing low bit-widths."""
+    outliers = split_weight_outliers(gm).meta[SPLIT_META]["layers"]
+    if outliers:
+        gains = ", ".join(f"{k} range ÷{v['range_gain']}" for k, v in outliers.items())
+        print(f"weight outliers: {len(outliers)} convs hold weights far outside their channel's spread ({gains}); "
+              "quantize with --split-outliers to keep low-bit resolution there")
+    return outliers
 
 
 def _inspect_json(hg: HybridGraph) -> dict:
@@ -127,6 +133,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if isinstance(graph, HybridGraph):
         split_layers = graph.gm.meta[SPLIT_META]["layers"]
         print(f"outlier weights split out of {len(split_layers)} convs: {', '.join(split_layers) or 'none'}")
+    else:
+        _weight_outliers(gm)
     return 0
 
 

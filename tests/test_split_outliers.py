@@ -136,3 +136,18 @@ def test_inspect_names_the_convs_with_outliers(tmp_path, capsys):
     assert "weight outliers: 2 convs" in out and "--split-outliers" in out
     found = json.loads((tmp_path / "blocks.json").read_text())["weight_outliers"]
     assert sorted(found) == ["blocks.4.2.conv_fusion.conv", "blocks.5.3.conv_fusion.conv"]
+
+
+@pytest.mark.skipif(not zoo.HYBRID_CHECKPOINT.is_file(), reason="lite0-vit-real checkpoint not built")
+def test_cli_quantize_hints_then_splits_and_eval_applies_the_plan(sample_images, tmp_path, capsys):
+    data = str(sample_images.root)
+    common = ["quantize", "lite0-vit-real", "--recipe", "minmax", "--bits", "8", "--calib", data, "--n-calib", "4"]
+    assert main([*common, "--out", str(tmp_path / "plain.json")]) == 0
+    assert "weight outliers: 2 convs" in capsys.readouterr().out
+    assert main([*common, "--split-outliers", "--out", str(tmp_path / "split.json")]) == 0
+    out = capsys.readouterr().out
+    assert "outlier weights split out of 2 convs: blocks.4.2.conv_fusion.conv, blocks.5.3.conv_fusion.conv" in out
+    plan = hyfx.load_plan(tmp_path / "split.json")
+    assert plan.meta["split_outliers"] == 16.0 and "blocks.5.3.conv_fusion.conv.outliers" in plan.layers
+    assert main(["eval", "lite0-vit-real", "--plan", str(tmp_path / "split.json"), "--data", data, "--n-eval", "20"]) == 0
+    assert "minmax" in capsys.readouterr().out
