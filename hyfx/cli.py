@@ -21,7 +21,7 @@ from hyfx.errors import HyfxError
 from hyfx.evaluate import compare
 from hyfx.graph import HybridGraph
 from hyfx.passes.split_outliers import META_KEY as SPLIT_META
-from hyfx.passes.split_outliers import split_weight_outliers
+from hyfx.passes.split_outliers import outlier_convs
 from hyfx.quant.spec import check_bits
 from hyfx.quant.targets import TARGETS, check_bits_for_target, check_plan_target
 from hyfx.recipes import RECIPES, get_recipe, make_plan
@@ -67,7 +67,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _weight_outliers(gm: torch.fx.GraphModule) -> dict:
     """The convs `--split-outliers` would split, announced: worth knowing before choosing low bit-widths."""
-    outliers = split_weight_outliers(gm).meta[SPLIT_META]["layers"]
+    outliers = outlier_convs(gm)
     if outliers:
         gains = ", ".join(f"{k} range ÷{v['range_gain']}" for k, v in outliers.items())
         print(f"weight outliers: {len(outliers)} convs hold weights far outside their channel's spread ({gains}); "
@@ -120,8 +120,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     verify_images(calib)
     loader = make_loader(calib, config, batch_size=args.batch_size)
     start = time.perf_counter()
-    graph = hyfx.analyze(gm, args.split_outliers) if args.split_outliers is not None else gm
-    plan = make_plan(args.recipe, graph, loader, bias_correction=args.bias_correction,
+    hg = hyfx.analyze(gm, args.split_outliers)
+    plan = make_plan(args.recipe, hg, loader, bias_correction=args.bias_correction,
                      rounding_iters=args.adaround or 0, **options)
     check_plan_target(plan, args.target)
     plan.model = args.model
@@ -130,8 +130,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     hyfx.save_plan(plan, args.out)
     print(f"{args.recipe} plan for {args.model}: {len(plan.layers)} layers, {plan.summary()}; "
           f"{len(calib)} calibration images; {plan.meta['plan_seconds']} s → {args.out}")
-    if isinstance(graph, HybridGraph):
-        split_layers = graph.gm.meta[SPLIT_META]["layers"]
+    if args.split_outliers is not None:
+        split_layers = hg.gm.meta[SPLIT_META]["layers"]
         print(f"outlier weights split out of {len(split_layers)} convs: {', '.join(split_layers) or 'none'}")
     else:
         _weight_outliers(gm)

@@ -109,8 +109,8 @@ def split_threshold(hg: HybridGraph) -> float | None:
     return info["threshold"] if info else None
 
 
-def analyze_for(gm: fx.GraphModule | HybridGraph, plan: QuantPlan) -> HybridGraph:
+def analyze_for(gm: fx.GraphModule | HybridGraph, plan: QuantPlan | None) -> HybridGraph:
     """`gm` analysed as `plan` was made: with the outlier split it records (plan.meta["split_outliers"])."""
     if isinstance(gm, HybridGraph):
         return gm
-    return analyze(gm, plan.meta.get("split_outliers"))
+    return analyze(gm, plan.meta.get("split_outliers") if plan is not None else None)

@@ -116,6 +116,14 @@ def getattr_path(module: torch.nn.Module, target: str) -> torch.Tensor:
     return obj
 
 
+def sole_batchnorm(node: fx.Node) -> fx.Node | None:
+    """The inference `aten.batch_norm` that is `node`'s only user (a conv's BN, foldable into it), or None."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].target is aten.batch_norm.default and not users[0].args[5]:
+        return users[0]
+    return None
+
+
 def batchnorm_factor(gm: fx.GraphModule, bn: fx.Node) -> torch.Tensor | None:
     """γ / sqrt(var + eps) per channel of an inference `aten.batch_norm` node whose γ and var are graph
     constants (no γ: 1), or None: the factor folding multiplies the preceding conv's weights by."""

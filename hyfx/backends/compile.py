@@ -18,7 +18,7 @@ import torch.fx as fx
 
 from hyfx.capture import capture
 from hyfx.errors import HyfxError
-from hyfx.graph import analyze, analyze_for
+from hyfx.graph import analyze_for
 from hyfx.passes.insert_quant import insert_quant
 from hyfx.quant.spec import QuantPlan
 from hyfx.recipes import get_recipe
@@ -126,7 +126,7 @@ class HyfxBackend:
         index = inputs[0]
         example = example_inputs[index]
         captured = capture(_Single(frozen), example)
-        hg = analyze_for(captured, self.plan) if self.plan is not None else analyze(captured)
+        hg = analyze_for(captured, self.plan)
         calib = self.calib if self.calib is not None else [example]
         plan = self.plan if self.plan is not None else get_recipe(self.recipe)(hg, calib, **self.recipe_options)
         quantized = insert_quant(hg.gm, plan)

@@ -428,8 +428,7 @@ def _region_plan(hg: HybridGraph, plan: QuantPlan, layers: Iterable[str], weight
                 bits = depthwise_bits if depthwise else weight_bits
                 policy.weight = _cpu_weight(recipe.weight, bits, factors.get(name))
                 if policy.weight.calibrated and recipe.weight_rounding is not None:  # the recipe's own scales
-                    policy.weight_rounding = recipe.weight_rounding if name not in factors else \
-                        flip_offsets(recipe.weight_rounding, factors[name], name)
+                    policy.weight_rounding = flip_offsets(recipe.weight_rounding, factors.get(name), name)
         # a clamp after an int8 conv rides on the conv's output quantizer (ORT drops it), so no Q in between
         for idx in (_tensor_args(node) if role not in ("cat", "act") else []):
             policy.inputs[idx] = known.inputs[idx] if known else recipe_specs.get(_source(node.args[idx]), activation)

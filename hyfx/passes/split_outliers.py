@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 
 from hyfx.errors import HyfxError
-from hyfx.ops import batchnorm_factor, getattr_path, module_stack, weight_arg
+from hyfx.ops import batchnorm_factor, getattr_path, module_stack, sole_batchnorm, weight_arg
 
 aten = torch.ops.aten
 META_KEY = "hyfx_split_outliers"
@@ -56,23 +56,21 @@ def _centre_only(mask: torch.Tensor, padding: list, dilation: list) -> bool:
     return not off.any()
 
 
-def split_weight_outliers(gm: fx.GraphModule, threshold: float = 16.0, min_gain: float = 2.0) -> fx.GraphModule:
-    """A copy of a captured graph in which every conv whose outliers (see `outlier_mask`) shrink its rows'
-    weight range at least `min_gain`× (median over output channels) runs as conv(W − O) + conv(O).
+def _layer_path(node: fx.Node) -> str:
+    frames = module_stack(node)
+    return frames[-1][0] if frames else node.name
 
-    `gm.meta["hyfx_split_outliers"]` records the threshold and, per split conv, the outlier count, the
-    range gain and the outlier conv's kernel; the outputs equal the original graph's (up to float rounding).
-    """
+
+def _find(gm: fx.GraphModule, threshold: float, min_gain: float) -> list[tuple[fx.Node, torch.Tensor, dict]]:
+    """(conv, outlier mask, report) for every conv `split_weight_outliers` splits; reads the graph only."""
     if threshold <= 0 or min_gain < 1:
         raise HyfxError(f"split_weight_outliers: threshold {threshold} must be > 0 and min_gain {min_gain} ≥ 1")
-    gm = copy.deepcopy(gm)
-    done: dict[str, dict] = {}
-    for node in list(gm.graph.nodes):
+    found = []
+    for node in gm.graph.nodes:
         if node.op != "call_function" or node.target is not aten.conv2d.default or weight_arg(node) is None:
             continue
-        weight_node = weight_arg(node)
-        weight = getattr_path(gm, weight_node.target).detach()
-        bias, stride, padding, dilation, groups = _conv_args(node)
+        weight = getattr_path(gm, weight_arg(node).target).detach()
+        _, _, padding, dilation, groups = _conv_args(node)
         if groups != 1 or weight[0].numel() < _MIN_ROW:
             continue
         mask = outlier_mask(weight, threshold)
@@ -80,42 +78,59 @@ def split_weight_outliers(gm: fx.GraphModule, threshold: float = 16.0, min_gain:
             continue
         rest = torch.where(mask, torch.zeros_like(weight), weight)
         gain = float((weight.flatten(1).abs().amax(1) / rest.flatten(1).abs().amax(1).clamp_min(1e-12)).median())
-        if gain < min_gain:
-            continue
-        outliers = torch.where(mask, weight, torch.zeros_like(weight))
-        centre = _centre_only(mask, padding, dilation)
-        if centre:
-            kh, kw = weight.shape[-2:]
-            outliers, out_padding = outliers[..., kh // 2:kh // 2 + 1, kw // 2:kw // 2 + 1], [0, 0]
-        else:
-            out_padding = padding
-        anchor = node
-        users = list(node.users)
-        if len(users) == 1 and users[0].target is aten.batch_norm.default and not users[0].args[5]:
-            factor = batchnorm_factor(gm, users[0])
-            if factor is not None:
-                anchor, outliers = users[0], outliers * factor.reshape(-1, 1, 1, 1)
+        if gain >= min_gain:
+            kernel = [1, 1] if _centre_only(mask, padding, dilation) else list(weight.shape[-2:])
+            found.append((node, mask, {"outliers": int(mask.sum()), "range_gain": round(gain, 2), "kernel": kernel}))
+    return found
+
+
+def outlier_convs(gm: fx.GraphModule, threshold: float = 16.0, min_gain: float = 2.0) -> dict[str, dict]:
+    """The convs `split_weight_outliers` would split (layer path → outlier count, range gain, kernel)."""
+    return {_layer_path(node): report for node, _, report in _find(gm, threshold, min_gain)}
+
+
+def split_weight_outliers(gm: fx.GraphModule, threshold: float = 16.0, min_gain: float = 2.0) -> fx.GraphModule:
+    """A copy of a captured graph in which every conv whose outliers (see `outlier_mask`) shrink its rows'
+    weight range at least `min_gain`× (median over output channels) runs as conv(W − O) + conv(O).
+
+    `gm.meta["hyfx_split_outliers"]` records the threshold and, per split conv, the outlier count, the
+    range gain and the outlier conv's kernel; the outputs equal the original graph's (up to float rounding).
+    """
+    gm = copy.deepcopy(gm)
+    done: dict[str, dict] = {}
+    for node, mask, report in _find(gm, threshold, min_gain):
+        weight_node = weight_arg(node)
         if any(u is not node for u in weight_node.users):  # writing the rest would change the other users
             raise HyfxError(f"split_weight_outliers: the weight of {node.name} is shared by several ops; "
                             "pass a model without tied conv weights")
-        getattr_path(gm, weight_node.target).data = rest.contiguous()
+        weight = getattr_path(gm, weight_node.target).detach()
+        _, stride, padding, dilation, _ = _conv_args(node)
+        outliers = torch.where(mask, weight, torch.zeros_like(weight))
+        if report["kernel"] == [1, 1] and list(weight.shape[-2:]) != [1, 1]:  # centre taps only: run as 1×1
+            kh, kw = weight.shape[-2:]
+            outliers, padding = outliers[..., kh // 2:kh // 2 + 1, kw // 2:kw // 2 + 1], [0, 0]
+        anchor = node
+        bn = sole_batchnorm(node)
+        factor = batchnorm_factor(gm, bn) if bn is not None else None
+        if factor is not None:
+            anchor, outliers = bn, outliers * factor.reshape(-1, 1, 1, 1)
+        getattr_path(gm, weight_node.target).data = torch.where(mask, torch.zeros_like(weight), weight).contiguous()
         buffer = f"_hyfx_outliers_{node.name}"
         gm.register_buffer(buffer, outliers.contiguous())
         with gm.graph.inserting_after(anchor):
             outlier_weight = gm.graph.get_attr(buffer)
         with gm.graph.inserting_after(outlier_weight):
             conv = gm.graph.call_function(aten.conv2d.default,
-                                          (node.args[0], outlier_weight, None, stride, out_padding, dilation, 1))
+                                          (node.args[0], outlier_weight, None, stride, padding, dilation, 1))
         with gm.graph.inserting_after(conv):
             total = gm.graph.call_function(aten.add.Tensor, (anchor, conv))
         anchor.replace_all_uses_with(total, delete_user_cb=lambda user, total=total: user is not total)
+        path = _layer_path(node)
         stack = dict(node.meta.get("nn_module_stack") or {})
-        path = module_stack(node)[-1][0] if stack else node.name
         stack["hyfx_outliers"] = (f"{path}.outliers", "hyfx.passes.split_outliers.OutlierConv")
         conv.meta.update(nn_module_stack=stack, val=node.meta.get("val"))
         total.meta.update(nn_module_stack=dict(anchor.meta.get("nn_module_stack") or {}), val=anchor.meta.get("val"))
-        done[path] = {"outliers": int(mask.sum()), "range_gain": round(gain, 2),
-                      "kernel": list(outliers.shape[-2:])}
+        done[path] = report
     gm.graph.lint()
     gm.recompile()
     gm.meta[META_KEY] = {"threshold": threshold, "min_gain": min_gain, "layers": done}

@@ -65,9 +65,11 @@ def offsets_from_codes(weight: torch.Tensor, spec: QuantSpec, codes: torch.Tenso
     return (codes - torch.round(weight / scale)).clamp(-1, 1).to(torch.int8)
 
 
-def flip_offsets(text: str, factor: torch.Tensor, layer: str = "") -> str:
+def flip_offsets(text: str, factor: torch.Tensor | None, layer: str = "") -> str:
     """The offsets for the weight scaled by `factor` per output channel (axis 0): negated where it is negative,
-    zero where it is zero (a zeroed channel must stay zero)."""
+    zero where it is zero (a zeroed channel must stay zero); no factor (no fold): the offsets as they are."""
+    if factor is None:
+        return text
     offsets = _decode(text, layer)
     if offsets.numel() % factor.numel():
         raise HyfxError(f"plan's weight rounding of {layer} does not match its {factor.numel()} output channels: "

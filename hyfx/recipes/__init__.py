@@ -40,8 +40,8 @@ def make_plan(name: str, gm: fx.GraphModule | HybridGraph, calib_loader: Iterabl
     """The plan of recipe `name` (its `options` passed on), then, when asked, its weights' rounding learned
     (AdaRound, `rounding_iters` steps per layer) and its bias corrected (measured for the rounding in force)."""
     plan = get_recipe(name)(gm, calib_loader, **options)
-    if isinstance(gm, HybridGraph) and split_threshold(gm) is not None:
-        plan.meta["split_outliers"] = split_threshold(gm)  # whoever applies the plan must split the same way
+    if isinstance(gm, HybridGraph) and (threshold := split_threshold(gm)) is not None:
+        plan.meta["split_outliers"] = threshold  # whoever applies the plan must split the same way
     if rounding_iters:
         plan = adaround(gm, plan, calib_loader, iters=rounding_iters, progress=options.get("progress", True))
     return correct_bias(gm, plan, calib_loader) if bias_correction else plan

@@ -32,14 +32,13 @@ from tqdm import tqdm
 
 from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph
-from hyfx.ops import CONV, LINEAR, batchnorm_factor, getattr_path, weight_arg
+from hyfx.ops import CONV, LINEAR, batchnorm_factor, getattr_path, sole_batchnorm, weight_arg
 from hyfx.passes.insert_quant import insert_quant, resolved_weight_specs
 from hyfx.quant.rounding import encode_offsets, offsets_from_codes, rounded_weight, weight_grid
 from hyfx.quant.spec import QuantPlan, QuantSpec
 from hyfx.recipes.common import analysed
 from hyfx.recipes.sampling import calibration_images
 
-aten = torch.ops.aten
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound)
 
 
@@ -74,10 +73,8 @@ def _h(v: torch.Tensor) -> torch.Tensor:
 
 def _bn_factor(node: fx.Node, channels: int) -> torch.Tensor | None:
     """γ/σ of a BatchNorm that is the conv's only user, or None."""
-    users = list(node.users)
-    if len(users) != 1 or users[0].target != aten.batch_norm.default:  # what capture leaves in an inference graph
-        return None
-    factor = batchnorm_factor(node.graph.owning_module, users[0])
+    bn = sole_batchnorm(node)
+    factor = batchnorm_factor(node.graph.owning_module, bn) if bn is not None else None
     return factor if factor is not None and factor.numel() == channels else None
 
 
