@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 from onnx import TensorProto, defs, helper, numpy_helper
 
+from hyfx.backends.onnx_layout import fast_transposes
 from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph, analyze_for
 from hyfx.ops import batchnorm_factor, getattr_path
@@ -763,6 +764,8 @@ class ExportResult:
 def _finish(marked: onnx.ModelProto, points: list[QuantPoint], log2_mode: str, target: str,
             skip: set[int] = frozenset()) -> onnx.ModelProto:
     model = lower_marks(marked, points, log2_mode, signed_uniform=target == "tensorrt", skip=skip)
+    if target == "ort":
+        model, _ = fast_transposes(model)
     check_qdq(model, target)
     onnx.checker.check_model(model, full_check=False)
     return model

@@ -8,7 +8,9 @@ The int8 lowering (`cpu_plan`, `compile_cpu`) turns a recipe's plan into a model
   mul (QLinearMul), CNN residual adds (QLinearAdd), concats and clamps (folded into the conv) join the int8
   region when all their inputs are int8. Norms, softmax, GELU and the transformer residual stream stay FP32
   with no Q/DQ chatter around reshape / transpose / unfold chains (each tensor has one set of parameters, so
-  ORT elides the Q→DQ pairs and moves data-movement ops onto the uint8 side).
+  ORT elides the Q→DQ pairs and moves data-movement ops onto the uint8 side). Those chains are rewritten as
+  transposes ORT runs fast on uint8 too (`onnx_layout.fast_transposes`, part of every `target="ort"` export):
+  MobileViT's unfold / fold had cost more on uint8 than the int8 layers saved.
 - BatchNorm is folded into the convolutions first; weight scales are taken on the folded weights.
 - Without AVX-VNNI, MLAS's u8s8 and s8s8 kernels multiply with VPMADDUBSW, whose 16-bit pair sums saturate
   for 8-bit weights (measured here: whole-range output errors on a 1x1 conv, u8u8 exact but ~20% slower);
