@@ -127,6 +127,7 @@ def test_ort_export_of_a_mobilevit_block_is_rewritten_and_matches_pytorch():
     result = hyfx.export(gm, plan, target="ort")
     names = [n.name for n in result.model.graph.node]
     assert sum(name.startswith("hyfx_layout") and name.endswith("/out") for name in names) == 2  # unfold, fold
+    assert result.report.layout_rewrites == 2 and "2 reshape / transpose chains rewritten" in result.report.summary()
     x = torch.randn(5, 3, 16, 16)
     with torch.no_grad():
         want = result.reference(x).numpy()

@@ -719,6 +719,7 @@ class ExportReport:
     reweighted: list[str] = field(default_factory=list)  # folded convs whose calibrated weight scales were redone
     model_bytes: int = 0
     log2_layers: int = 0
+    layout_rewrites: int = 0  # Reshape / Transpose chains rewritten into transposes ORT runs fast (onnx_layout)
     log2_modes: dict = field(default_factory=dict)  # mode → accuracy figures, when measured
     parity: dict = field(default_factory=dict)
 
@@ -733,6 +734,8 @@ class ExportReport:
             text += f"; {len(self.folded_bn)} BatchNorms folded"
         if self.log2_layers:
             text += f"; {self.log2_layers} log2 post-softmax quantizers lowered as '{self.log2_mode}'"
+        if self.layout_rewrites:
+            text += f"; {self.layout_rewrites} reshape / transpose chains rewritten for ORT"
         return text
 
 
@@ -755,20 +758,22 @@ class ExportResult:
             raise HyfxError(f"unknown log2 mode {mode!r}: choose one of {', '.join(LOG2_MODES)}")
         if self.marked is None:
             raise HyfxError("this export kept no marked model to re-lower: export again with the other log2 mode")
-        model = _finish(copy.deepcopy(self.marked), self.points, mode, self.report.target)
+        model, _ = _finish(copy.deepcopy(self.marked), self.points, mode, self.report.target)
         report = replace(self.report, log2_mode=mode, counts=check_qdq(model, self.report.target),
                          model_bytes=model.ByteSize())
         return ExportResult(model, self.reference, self.points, report, self.marked)
 
 
 def _finish(marked: onnx.ModelProto, points: list[QuantPoint], log2_mode: str, target: str,
-            skip: set[int] = frozenset()) -> onnx.ModelProto:
+            skip: set[int] = frozenset()) -> tuple[onnx.ModelProto, int]:
+    """The lowered, checked model and the number of Reshape / Transpose chains rewritten for ORT."""
     model = lower_marks(marked, points, log2_mode, signed_uniform=target == "tensorrt", skip=skip)
+    rewritten = 0
     if target == "ort":
-        model, _ = fast_transposes(model)
+        model, rewritten = fast_transposes(model)
     check_qdq(model, target)
     onnx.checker.check_model(model, full_check=False)
-    return model
+    return model, rewritten
 
 
 def lower_subset(result: ExportResult, keep: set[tuple[str, str]]) -> onnx.ModelProto:
@@ -777,7 +782,7 @@ def lower_subset(result: ExportResult, keep: set[tuple[str, str]]) -> onnx.Model
     if result.marked is None:
         raise HyfxError("this export kept no marked model to re-lower")
     skip = {i for i, p in enumerate(result.points) if (p.layer, p.role) not in keep}
-    return _finish(copy.deepcopy(result.marked), result.points, result.report.log2_mode, result.report.target, skip)
+    return _finish(copy.deepcopy(result.marked), result.points, result.report.log2_mode, result.report.target, skip)[0]
 
 
 def prepare(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, fold_bn: bool = True
@@ -813,9 +818,9 @@ def export(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, path: str | Path |
     marked, points = marked_graph(reference)
     example = torch.randn(max(2, shape[0]), *shape[1:])
     exported = export_graph(marked, example)
-    model = _finish(copy.deepcopy(exported), points, log2_mode, target)
+    model, rewritten = _finish(copy.deepcopy(exported), points, log2_mode, target)
     report = ExportReport(target, log2_mode, OPSET, len(points), check_qdq(model, target), folded, redone,
-                          model.ByteSize(), sum(p.kind == "log2" for p in points))
+                          model.ByteSize(), sum(p.kind == "log2" for p in points), layout_rewrites=rewritten)
     result = ExportResult(model, reference, points, report, exported)
     if path is not None:
         result.save(path)
