@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from hyfx.backends.onnx_graph import drop_unused_initializers
+
 MOVEMENT = ("Reshape", "Transpose", "Identity")
 MIN_BLOCK = 16  # innermost elements a transpose must keep in place to copy by rows instead of by element
 
@@ -210,10 +212,11 @@ def _recover(chain: list[onnx.NodeProto], shapes: dict, constants: dict) -> _Rec
         except ValueError:
             return None
     (shape1, index1), (shape2, index2) = found
-    varying = [i for i, (a, b) in enumerate(zip(index1.shape, index2.shape, strict=True)) if a != b] \
-        if index1.ndim == index2.ndim else None
-    if shape1[1:] != shape2[1:] or varying is None or len(varying) != (1 if shape1 != shape2 else 0):
-        return None  # the batch is not in the leading input dimension and in one output dimension
+    if shape1[1:] != shape2[1:] or index1.ndim != index2.ndim:
+        return None  # the batch is not in the leading input dimension
+    varying = [i for i, (a, b) in enumerate(zip(index1.shape, index2.shape, strict=True)) if a != b]
+    if len(varying) != (1 if shape1 != shape2 else 0):
+        return None  # the batch is not in exactly one output dimension
     n = index1.size
     if shape1 != shape2 and not np.array_equal(index2.ravel(), np.concatenate([index1.ravel(), index1.ravel() + n])):
         return None  # batch not the outermost dimension of the output
@@ -261,11 +264,8 @@ def fast_transposes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         rewritten = [new for i, n in enumerate(nodes) for new in replaced.get(i, [n])]
         del graph.node[:]
         graph.node.extend(rewritten)
-        used = {i for n in graph.node for i in n.input}
-        kept = [t for t in graph.initializer if t.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-        live = used | {o for n in graph.node for o in n.output}
+        drop_unused_initializers(model)
+        live = {name for n in graph.node for name in (*n.input, *n.output)}
         infos = [v for v in graph.value_info if v.name in live]
         del graph.value_info[:]
         graph.value_info.extend(infos)

@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 from onnx import TensorProto, defs, helper, numpy_helper
 
+from hyfx.backends.onnx_graph import drop_unused_initializers
 from hyfx.backends.onnx_layout import fast_transposes
 from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph, analyze_for
@@ -558,7 +559,7 @@ def lower_marks(model: onnx.ModelProto, points: list[QuantPoint], log2_mode: str
     _fold_weight_transposes(model)
     _fold_pads_into_convs(model)
     _split_gemm_bias(model)
-    _drop_unused_initializers(model)
+    drop_unused_initializers(model)
     return model
 
 
@@ -680,13 +681,6 @@ def _split_gemm_bias(model: onnx.ModelProto) -> None:
         out_nodes.append(helper.make_node("Add", [node.output[0], bias], [out], name=node.name + "/bias"))
     del graph.node[:]
     graph.node.extend(out_nodes)
-
-
-def _drop_unused_initializers(model: onnx.ModelProto) -> None:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
 
 
 # ---------------------------------------------------------------------------------------------- export
