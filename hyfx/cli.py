@@ -95,13 +95,18 @@ def _recipe_options(args: argparse.Namespace) -> dict:
         options["w_bits"] = args.w_bits
     if args.a_bits is not None:
         options["a_bits"] = args.a_bits
+    if args.edge_bits is not None:
+        options["edge_bits"] = check_bits(args.edge_bits)
     return options
 
 
 def _target_options(args: argparse.Namespace, recipe, options: dict) -> dict:
     """Pass --target to recipes that search a backend-aware space; every plan is checked against it afterwards."""
     check_bits_for_target(args.target, options.get("w_bits", 8), options.get("a_bits", 8))
-    if "target" in inspect.signature(recipe).parameters:
+    parameters = inspect.signature(recipe).parameters
+    if "edge_bits" in options and "edge_bits" not in parameters:
+        raise HyfxError(f"--edge-bits is an option of the qhyvit recipe, not of {args.recipe}: drop it or use qhyvit")
+    if "target" in parameters:
         return {**options, "target": args.target}
     return options
 
@@ -110,6 +115,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     options = _recipe_options(args)  # bad bit-widths fail before the model is built
     if args.adaround is not None and args.adaround < 1:
         raise HyfxError(f"--adaround {args.adaround}: give a positive number of steps per layer (default 500)")
+    if args.learn_activations is not None and args.learn_activations < 1:
+        raise HyfxError(f"--learn-activations {args.learn_activations}: give a positive number of steps (default 150)")
     if args.split_outliers is not None and args.split_outliers <= 0:
         raise HyfxError(f"--split-outliers {args.split_outliers}: give a positive number of standard deviations")
     recipe = get_recipe(args.recipe)
@@ -122,7 +129,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     hg = hyfx.analyze(gm, args.split_outliers)
     plan = make_plan(args.recipe, hg, loader, bias_correction=args.bias_correction,
-                     rounding_iters=args.adaround or 0, **options)
+                     rounding_iters=args.adaround or 0, activation_steps=args.learn_activations or 0, **options)
     check_plan_target(plan, args.target)
     plan.model = args.model
     plan.meta["plan_seconds"] = round(time.perf_counter() - start, 2)
@@ -243,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaround", type=int, nargs="?", const=500, default=None, metavar="ITERS",
                    help="learn each conv / linear weight's rounding (AdaRound, ITERS steps per layer, default 500) "
                         "after the recipe; slow: ~15 min for a lite0-sized model on 2 cores")
+    p.add_argument("--edge-bits", type=int, metavar="BITS",
+                   help="qhyvit: quantize the first and last weighted layers (stem conv, classifier) with BITS bits "
+                        "(the low-bit PTQ literature keeps them at 8) instead of --bits")
+    p.add_argument("--learn-activations", type=int, nargs="?", const=150, default=None, metavar="STEPS",
+                   help="after the recipe, train every uniform activation scale at once for STEPS steps (default 150) "
+                        "to minimise KL(FP32 || quantized) of the outputs on the calibration images; give it a few "
+                        "hundred images (--n-calib), 32 overfit")
     p.add_argument("--split-outliers", type=float, nargs="?", const=16.0, default=None, metavar="SIGMA",
                    help="first move conv weights more than SIGMA robust std devs from their channel's median "
                         "(default 16) into a conv of their own, so the rest keep low-bit resolution; "

@@ -58,6 +58,15 @@ class HybridGraph:
     def layers(self, kinds: tuple[str, ...] = QUANTIZABLE_KINDS) -> list[str]:
         return [n.meta["hyfx"]["name"] for n in self.nodes() if n.meta["hyfx"]["kind"] in kinds]
 
+    def edge_layers(self) -> list[str]:
+        """The network's first and last weighted layers: the convs / linears reached from the graph input, and those
+        reaching the graph output, through no other conv / linear / matmul (the stem and the classifier)."""
+        graph = self.gm.graph
+        inputs = [n for n in graph.nodes if n.op == "placeholder"]
+        outputs = [n for n in graph.nodes if n.op == "output"]
+        edges = _first_weighted(inputs, lambda n: n.users) | _first_weighted(outputs, lambda n: n.all_input_nodes)
+        return [n.meta["hyfx"]["name"] for n in graph.nodes if n in edges]
+
     def bridge_layers(self) -> dict[str, Bridge]:
         return {layer: b for b in self.bridges for layer in b.layers}
 
@@ -114,3 +123,20 @@ def analyze_for(gm: fx.GraphModule | HybridGraph, plan: QuantPlan | None) -> Hyb
     if isinstance(gm, HybridGraph):
         return gm
     return analyze(gm, plan.meta.get("split_outliers") if plan is not None else None)
+
+
+def _first_weighted(start: list[fx.Node], neighbours) -> set[fx.Node]:
+    """The convs / linears met first walking tensors from `start` along `neighbours`, not past a matmul (shape
+    arithmetic is not walked: an input's batch size reaches every reshape of the network)."""
+    found, seen, stack = set(), set(start), list(start)
+    while stack:
+        for node in neighbours(stack.pop()):
+            if node in seen or node_shape(node) is None:
+                continue
+            seen.add(node)
+            kind = node.meta.get("hyfx", {}).get("kind")
+            if kind in (CONV, LINEAR):
+                found.add(node)
+            elif kind != MATMUL:
+                stack.append(node)
+    return found

@@ -351,6 +351,26 @@ def test_low_bit_widths_build_a_plan(tiny):
             assert len(set(fake_quant(torch.linspace(-3, 3, 999), spec).tolist())) <= 4
 
 
+def test_edge_layers_are_the_stem_and_the_head_and_edge_bits_keep_them_wider(tiny):
+    gm, hg, images, _ = tiny
+    assert hg.edge_layers() == ["stem.0", "head"]  # not the transformer's layers, whose reshapes read the batch size
+    plan = hyfx.recipes.qhyvit(hg, images, w_bits=4, a_bits=4, edge_bits=8, rounds=1, **SMALL)
+    assert plan.meta["edge_layers"] == ["head", "stem.0"] and plan.meta["edge_bits"] == 8
+    for layer, role, spec in plan.specs():
+        assert spec.bits == (8 if layer in ("stem.0", "head") else 4), (layer, role, spec)
+    with pytest.raises(HyfxError, match="int8 only"):
+        hyfx.recipes.qhyvit(hg, images, edge_bits=6, target="tensorrt", progress=False)
+
+
+def test_cli_refuses_edge_bits_for_a_recipe_without_them(capsys, tmp_path):
+    from hyfx import cli
+
+    code = cli.main(["quantize", "lite0-real", "--recipe", "minmax", "--edge-bits", "8", "--calib", str(tmp_path)])
+    assert code == 2 and "--edge-bits is an option of the qhyvit recipe, not of minmax" in capsys.readouterr().err
+    code = cli.main(["quantize", "lite0-real", "--recipe", "qhyvit", "--edge-bits", "9", "--calib", str(tmp_path)])
+    assert code == 2 and "unsupported bit-width 9" in capsys.readouterr().err
+
+
 def test_requests_cover_every_quantizable_kind(tiny):
     hg = tiny[1]
     kinds = {_kind(hg, layer) for layer in hg.layers(("conv", "linear", "matmul", "norm", "softmax"))}

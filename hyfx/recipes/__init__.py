@@ -9,6 +9,7 @@ import torch.fx as fx
 from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph, split_threshold
 from hyfx.quant.spec import QuantPlan
+from hyfx.recipes.activation_scales import learn_activation_scales
 from hyfx.recipes.adaround import adaround
 from hyfx.recipes.bias_correction import correct_bias
 from hyfx.recipes.easyquant import easyquant
@@ -36,16 +37,20 @@ def get_recipe(name: str) -> Callable:
 
 
 def make_plan(name: str, gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, bias_correction: bool = False,
-              rounding_iters: int = 0, **options) -> QuantPlan:
-    """The plan of recipe `name` (its `options` passed on), then, when asked, its weights' rounding learned
-    (AdaRound, `rounding_iters` steps per layer) and its bias corrected (measured for the rounding in force)."""
+              rounding_iters: int = 0, activation_steps: int = 0, **options) -> QuantPlan:
+    """The plan of recipe `name` (its `options` passed on), then, when asked, its activation scales learned end to
+    end (`activation_steps` steps), its weights' rounding learned (AdaRound, `rounding_iters` steps per layer, for
+    the activations in force) and its bias corrected (measured for the rounding in force)."""
     plan = get_recipe(name)(gm, calib_loader, **options)
     if isinstance(gm, HybridGraph) and (threshold := split_threshold(gm)) is not None:
         plan.meta["split_outliers"] = threshold  # whoever applies the plan must split the same way
+    progress = options.get("progress", True)
+    if activation_steps:
+        plan = learn_activation_scales(gm, plan, calib_loader, steps=activation_steps, progress=progress)
     if rounding_iters:
-        plan = adaround(gm, plan, calib_loader, iters=rounding_iters, progress=options.get("progress", True))
+        plan = adaround(gm, plan, calib_loader, iters=rounding_iters, progress=progress)
     return correct_bias(gm, plan, calib_loader) if bias_correction else plan
 
 
-__all__ = ["RECIPES", "adaround", "correct_bias", "easyquant", "efficientquant", "get_recipe", "hysquant", "make_plan", "minmax",
-           "percentile", "ptq4vit", "qhyvit"]
+__all__ = ["RECIPES", "adaround", "correct_bias", "easyquant", "efficientquant", "get_recipe", "hysquant",
+           "learn_activation_scales", "make_plan", "minmax", "percentile", "ptq4vit", "qhyvit"]

@@ -13,6 +13,9 @@ and symmetric per-channel weights, searched at the weight bits its CPU kernels r
 depthwise convs and transformer / bridge layers: see hyfx.quant.targets), so the int8 lowering runs the
 searched weights as they are.
 `full=True` also quantizes the inputs of softmax, LayerNorm, GroupNorm and BatchNorm (full quantization).
+`edge_bits` gives the first and last weighted layers (stem conv, classifier: HybridGraph.edge_layers) that many
+bits for their weights and inputs, the convention of the low-bit PTQ literature (BRECQ, QDrop, PD-Quant keep
+them at 8 bits); the default quantizes them like every other layer. The plan records the layers it applied to.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from hyfx.quant.targets import (
     GRANULARITIES,
     SCHEMES,
     TargetRules,
+    check_bits_for_target,
     cpu_weight_bits,
     exact_weight_layers,
     target_rules,
@@ -67,8 +71,8 @@ def search_space(w_bits: int, a_bits: int, rules: TargetRules, search_granularit
 def qhyvit(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int = 8, a_bits: int = 8,
            target: str = "fake", full: bool = False, alpha: float = 0.01, beta: float = 1.2, n: int = 100,
            rounds: int = 3, samples: int = 256, search_granularity: bool = True, search_scheme: bool = True,
-           bridge: bool = True, coarse: int | None = 12, seed: int = 0, max_batches: int | None = None,
-           progress: bool = True) -> QuantPlan:
+           bridge: bool = True, coarse: int | None = 12, edge_bits: int | None = None, seed: int = 0,
+           max_batches: int | None = None, progress: bool = True) -> QuantPlan:
     """Q-HyViT plan for `target` ("fake", "ort" or "tensorrt"); `samples` rows per layer feed the search."""
     start = time.perf_counter()
     hg, images, factors = prepare_search(gm, calib_loader, w_bits, a_bits, alpha, beta, n, max_batches, target)
@@ -76,16 +80,21 @@ def qhyvit(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int
     space = search_space(w_bits, a_bits, rules, search_granularity, search_scheme)
 
     exact = set(exact_weight_layers(hg)) if target == "ort" else set()
+    edges = set(hg.edge_layers()) if edge_bits is not None else set()
+    if edge_bits is not None:
+        check_bits_for_target(target, edge_bits, edge_bits)
 
-    def weight_bits_for(depthwise: bool) -> int:  # the bits the CPU lowering runs (see hyfx.backends.ort)
-        return min(w_bits, cpu_weight_bits(depthwise)) if target == "ort" else w_bits
+    def weight_bits_for(depthwise: bool, bits: int = w_bits) -> int:  # the bits the CPU lowering runs (hyfx.backends.ort)
+        return min(bits, cpu_weight_bits(depthwise)) if target == "ort" else bits
 
     def options(layer: str, node: fx.Node, side_name: str, side: Side) -> list:
         role = "weight" if side_name == "weight" else "input"
         grans, schemes = space[role]
         if side.axis is None or side.channels < 2:
             grans = ("tensor",)
-        bits = weight_bits_for(layer in exact or is_depthwise(node, hg.gm)) if role == "weight" else a_bits
+        bits = edge_bits if layer in edges else (w_bits if role == "weight" else a_bits)
+        if role == "weight":
+            bits = weight_bits_for(layer in exact or is_depthwise(node, hg.gm), bits)
         return [UniformCandidates(uniform_spec(bits, g, s, side.graph_axis), side.lo, side.hi, factors)
                 for g in grans for s in schemes if role != "weight" or rules.allows_weight(g, s)]
 
@@ -95,6 +104,7 @@ def qhyvit(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int
         "w_bits": w_bits, "a_bits": a_bits, "full": full, "alpha": alpha, "beta": beta, "n": n,
         "searched_weight_bits": {"gemm": weight_bits_for(False), "depthwise and exact": weight_bits_for(True)},
         "search_granularity": search_granularity, "search_scheme": search_scheme, "bridge": bridge,
+        "edge_bits": edge_bits, "edge_layers": sorted(edges),
         "space": {role: {"granularity": list(g), "scheme": list(s)} for role, (g, s) in space.items()},
         "calibration": {"n_images": sum(len(x) for x in images)},
         "hessian_loss": "cross-entropy against the FP32 top-1 (empirical Fisher; see hyfx.recipes.sampling)",
