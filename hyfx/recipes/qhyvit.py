@@ -80,9 +80,10 @@ def qhyvit(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int
     space = search_space(w_bits, a_bits, rules, search_granularity, search_scheme)
 
     exact = set(exact_weight_layers(hg)) if target == "ort" else set()
-    edges = set(hg.edge_layers()) if edge_bits is not None else set()
+    edges: set[str] = set()
     if edge_bits is not None:
         check_bits_for_target(target, edge_bits, edge_bits)
+        edges = set(hg.edge_layers())
 
     def weight_bits_for(depthwise: bool, bits: int = w_bits) -> int:  # the bits the CPU lowering runs (hyfx.backends.ort)
         return min(bits, cpu_weight_bits(depthwise)) if target == "ort" else bits
