@@ -49,7 +49,8 @@ def real_models() -> list[str]:
 
 
 def run_model(name: str, bits_list: list[int], recipes: list[str], ablation: bool, n_calib: int, n_eval: int | None,
-              seed: int, out: dict, save, learned: bool = False, split_outliers: float | None = None) -> None:
+              seed: int, out: dict, save, learned: bool = False, split_outliers: float | None = None,
+              reconstructed: bool = False) -> None:
     model = zoo.create(name)
     config = data_config(model)
     calib, evaluation = bench_images(name, n_calib=n_calib, n_eval=n_eval, seed=seed)
@@ -63,7 +64,8 @@ def run_model(name: str, bits_list: list[int], recipes: list[str], ablation: boo
         save()
 
     accuracy_tables(hg, make_loader(calib, config, 16), make_loader(evaluation, config, 50), bits_list,
-                    variants(recipes, ablation=ablation, full=False, corrected=True, learned=learned), on_bits=update)
+                    variants(recipes, ablation=ablation, full=False, corrected=True, learned=learned,
+                             reconstructed=reconstructed), on_bits=update)
 
 
 def xxs_timing(out: dict, save) -> None:
@@ -130,6 +132,8 @@ def main() -> None:
     parser.add_argument("--no-xxs", action="store_true", help="skip the mobilevit_xxs plan-time measurement")
     parser.add_argument("--adaround", action="store_true",
                         help="add a 'qhyvit + AdaRound' row (learned weight rounding; ~15 min per model and bit-width)")
+    parser.add_argument("--reconstruct-blocks", action="store_true",
+                        help="add a 'qhyvit + block reconstruction' row (BRECQ + QDrop, 500 steps per block)")
     parser.add_argument("--split-outliers", type=float, nargs="?", const=16.0, default=None, metavar="SIGMA",
                         help="run every recipe on the graph with conv outlier weights split out (hyfx.passes.split_outliers)")
     parser.add_argument("--n-calib", type=int, default=32)
@@ -150,7 +154,7 @@ def main() -> None:
 
     for name in args.models or real_models():
         run_model(name, args.bits, args.recipes, not args.no_ablation, args.n_calib, args.n_eval, args.seed, out, save,
-                  args.adaround, args.split_outliers)
+                  args.adaround, args.split_outliers, args.reconstruct_blocks)
     if not args.no_xxs:
         xxs_timing(out, save)
     save()

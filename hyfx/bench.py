@@ -50,13 +50,16 @@ class Variant:
 
 
 def variants(methods: Sequence[str] = METHODS, ablation: bool = True, full: bool = True,
-             corrected: bool = False, learned: bool = False) -> list[Variant]:
+             corrected: bool = False, learned: bool = False, reconstructed: bool = False) -> list[Variant]:
     out = [Variant(m, m) for m in methods]
     if corrected:  # hyfx's addition to the papers: empirical bias correction after the recipe
         out += [Variant(f"{m} + bias correction", m, {"bias_correction": True}, "extension")
                 for m in ("minmax", "qhyvit") if m in methods]
     if learned:  # and learned weight rounding (AdaRound) after Q-HyViT's scales
         out += [Variant("qhyvit + AdaRound", "qhyvit", {"rounding_iters": 500}, "extension")] \
+            if "qhyvit" in methods else []
+    if reconstructed:  # and block reconstruction (BRECQ + QDrop) after Q-HyViT's scales
+        out += [Variant("qhyvit + block reconstruction", "qhyvit", {"block_iters": 500}, "extension")] \
             if "qhyvit" in methods else []
     if ablation:  # Q-HyViT Table 3: what the search may choose besides the scale (qhyvit itself = + scheme)
         out += [Variant("qhyvit: scale only", "qhyvit", {"search_granularity": False, "search_scheme": False},

@@ -117,6 +117,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise HyfxError(f"--adaround {args.adaround}: give a positive number of steps per layer (default 500)")
     if args.learn_activations is not None and args.learn_activations < 1:
         raise HyfxError(f"--learn-activations {args.learn_activations}: give a positive number of steps (default 150)")
+    if args.reconstruct_blocks is not None and args.reconstruct_blocks < 1:
+        raise HyfxError(f"--reconstruct-blocks {args.reconstruct_blocks}: give a positive number of steps per block "
+                        "(default 500)")
+    if args.reconstruct_blocks is not None and args.adaround is not None:
+        raise HyfxError("--adaround and --reconstruct-blocks both learn the weights' rounding: give one of them")
     if args.split_outliers is not None and args.split_outliers <= 0:
         raise HyfxError(f"--split-outliers {args.split_outliers}: give a positive number of standard deviations")
     recipe = get_recipe(args.recipe)
@@ -129,7 +134,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     hg = hyfx.analyze(gm, args.split_outliers)
     plan = make_plan(args.recipe, hg, loader, bias_correction=args.bias_correction,
-                     rounding_iters=args.adaround or 0, activation_steps=args.learn_activations or 0, **options)
+                     rounding_iters=args.adaround or 0, activation_steps=args.learn_activations or 0,
+                     block_iters=args.reconstruct_blocks or 0, **options)
     check_plan_target(plan, args.target)
     plan.model = args.model
     plan.meta["plan_seconds"] = round(time.perf_counter() - start, 2)
@@ -250,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adaround", type=int, nargs="?", const=500, default=None, metavar="ITERS",
                    help="learn each conv / linear weight's rounding (AdaRound, ITERS steps per layer, default 500) "
                         "after the recipe; slow: ~15 min for a lite0-sized model on 2 cores")
+    p.add_argument("--reconstruct-blocks", type=int, nargs="?", const=500, default=None, metavar="ITERS",
+                   help="after the recipe, learn every weight's rounding and activation scale block by block against "
+                        "the FP32 block outputs (BRECQ with QDrop, ITERS steps per block, default 500)")
     p.add_argument("--edge-bits", type=int, metavar="BITS",
                    help="qhyvit: quantize the first and last weighted layers (stem conv, classifier) with BITS bits "
                         "(the low-bit PTQ literature keeps them at 8) instead of --bits")

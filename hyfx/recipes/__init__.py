@@ -12,6 +12,7 @@ from hyfx.quant.spec import QuantPlan
 from hyfx.recipes.activation_scales import learn_activation_scales
 from hyfx.recipes.adaround import adaround
 from hyfx.recipes.bias_correction import correct_bias
+from hyfx.recipes.block_reconstruction import reconstruct_blocks
 from hyfx.recipes.easyquant import easyquant
 from hyfx.recipes.efficientquant import efficientquant
 from hyfx.recipes.hysquant import hysquant
@@ -37,20 +38,26 @@ def get_recipe(name: str) -> Callable:
 
 
 def make_plan(name: str, gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, bias_correction: bool = False,
-              rounding_iters: int = 0, activation_steps: int = 0, **options) -> QuantPlan:
+              rounding_iters: int = 0, activation_steps: int = 0, block_iters: int = 0, **options) -> QuantPlan:
     """The plan of recipe `name` (its `options` passed on), then, when asked, its activation scales learned end to
-    end (`activation_steps` steps), its weights' rounding learned (AdaRound, `rounding_iters` steps per layer, for
-    the activations in force) and its bias corrected (measured for the rounding in force)."""
+    end (`activation_steps` steps), its weights' rounding and activation scales reconstructed block by block
+    (BRECQ + QDrop, `block_iters` steps per block) or its weights' rounding learned layer by layer (AdaRound,
+    `rounding_iters` steps per layer, for the activations in force), and its bias corrected (measured for the
+    rounding in force)."""
+    if rounding_iters and block_iters:
+        raise HyfxError("AdaRound and block reconstruction both learn the weights' rounding: ask for one of them")
     plan = get_recipe(name)(gm, calib_loader, **options)
     if isinstance(gm, HybridGraph) and (threshold := split_threshold(gm)) is not None:
         plan.meta["split_outliers"] = threshold  # whoever applies the plan must split the same way
     progress = options.get("progress", True)
     if activation_steps:
         plan = learn_activation_scales(gm, plan, calib_loader, steps=activation_steps, progress=progress)
+    if block_iters:
+        plan = reconstruct_blocks(gm, plan, calib_loader, iters=block_iters, progress=progress)
     if rounding_iters:
         plan = adaround(gm, plan, calib_loader, iters=rounding_iters, progress=progress)
     return correct_bias(gm, plan, calib_loader) if bias_correction else plan
 
 
 __all__ = ["RECIPES", "adaround", "correct_bias", "easyquant", "efficientquant", "get_recipe", "hysquant",
-           "learn_activation_scales", "make_plan", "minmax", "percentile", "ptq4vit", "qhyvit"]
+           "learn_activation_scales", "make_plan", "minmax", "percentile", "ptq4vit", "qhyvit", "reconstruct_blocks"]

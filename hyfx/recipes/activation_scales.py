@@ -39,19 +39,25 @@ _QUANTIZE = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
 
 
 class LearnedFakeQuant(torch.nn.Module):
-    """Uniform fake quantization with a trainable log step size (per tensor or per channel of `axis`)."""
+    """Uniform fake quantization with a trainable log step size (per tensor or per channel of `axis`).
+
+    `drop` > 0 in training mode: each element keeps its float value with that probability (QDrop)."""
 
     def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, axis: int | None):
         super().__init__()
         self.log_scale = torch.nn.Parameter(scale.detach().float().log())
         self.register_buffer("zero_point", zero_point.detach().float())
         self.qmin, self.qmax, self.axis = qmin, qmax, axis
+        self.drop = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return fake_quant_uniform(x, self.log_scale.exp(), self.zero_point, self.qmin, self.qmax, self.axis, ste=True)
+        q = fake_quant_uniform(x, self.log_scale.exp(), self.zero_point, self.qmin, self.qmax, self.axis, ste=True)
+        if self.training and self.drop > 0:
+            return torch.where(torch.rand_like(x) < self.drop, x, q)
+        return q
 
 
-def _learnable(qgm: fx.GraphModule) -> dict[str, tuple[str, str]]:
+def learnable_activations(qgm: fx.GraphModule) -> dict[str, tuple[str, str]]:
     """Replace every activation quantize → dequantize pair of `qgm` by a LearnedFakeQuant submodule (in place).
 
     Returns {submodule name: (layer, role)}; the roles are insert_quant's ("input0", "output", ...).
@@ -82,6 +88,18 @@ def _learnable(qgm: fx.GraphModule) -> dict[str, tuple[str, str]]:
     return learned
 
 
+def write_scales(plan: QuantPlan, qgm: fx.GraphModule, learned: dict[str, tuple[str, str]]) -> None:
+    """Store the step sizes of `learnable_activations`' submodules in `plan` (in place)."""
+    for name, (layer, role) in learned.items():
+        scale = qgm.get_submodule(name).log_scale.detach().exp().reshape(-1).tolist()
+        policy = plan.layers[layer]
+        if role == "output":
+            policy.output = policy.output.with_params(scale, policy.output.zero_point)
+        else:
+            idx = int(role.removeprefix("input"))
+            policy.inputs[idx] = policy.inputs[idx].with_params(scale, policy.inputs[idx].zero_point)
+
+
 def _log_probs(out) -> torch.Tensor:
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise HyfxError("learn_activation_scales needs a model whose output is one [batch, classes] tensor of logits")
@@ -102,7 +120,7 @@ def learn_activation_scales(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, c
     hg = analysed(gm)
     images = torch.cat(calibration_images(calib_loader, max_batches))
     qgm = insert_quant(hg.gm, plan)
-    learned = _learnable(qgm)
+    learned = learnable_activations(qgm)
     if not learned:
         raise HyfxError("the plan quantizes no activation with a uniform quantizer: there is no scale to learn")
     for p in qgm.parameters():
@@ -125,14 +143,7 @@ def learn_activation_scales(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, c
         schedule.step()
         losses.append(loss.item())
     plan = copy.deepcopy(plan)
-    for name, (layer, role) in learned.items():
-        scale = qgm.get_submodule(name).log_scale.detach().exp().reshape(-1).tolist()
-        policy = plan.layers[layer]
-        if role == "output":
-            policy.output = policy.output.with_params(scale, policy.output.zero_point)
-        else:
-            idx = int(role.removeprefix("input"))
-            policy.inputs[idx] = policy.inputs[idx].with_params(scale, policy.inputs[idx].zero_point)
+    write_scales(plan, qgm, learned)
     window = max(1, steps // 10)
     plan.meta["activation_scales"] = {
         "quantizers": len(learned), "steps": steps, "batch": batch, "lr": lr, "n_images": len(images),

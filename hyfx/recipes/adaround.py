@@ -78,6 +78,39 @@ def _bn_factor(node: fx.Node, channels: int) -> torch.Tensor | None:
     return factor if factor is not None and factor.numel() == channels else None
 
 
+class LearnedRounding(torch.nn.Module):
+    """A weight on its spec's grid, rounded up or down per weight by h(v) (AdaRound's rectified sigmoid).
+
+    Training: the soft rounding floor + h(v); eval: the hard one, floor + [v ≥ 0]. v starts where h(v) equals
+    the weight's fractional part, so the soft weight starts at the float weight."""
+
+    def __init__(self, weight: torch.Tensor, spec: QuantSpec):
+        super().__init__()
+        scale, zero_point = weight_grid(weight, spec)
+        scaled = weight.detach() / scale
+        floor = torch.floor(scaled)
+        rest = (scaled - floor).clamp(1e-4, 1 - 1e-4)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+        self.register_buffer("floor", floor)
+        self.v = torch.nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+        self.qmin, self.qmax = spec.qmin, spec.qmax
+
+    def codes(self) -> torch.Tensor:
+        """The hard integer codes, zero point removed."""
+        with torch.no_grad():
+            up = (self.v >= 0).to(self.floor.dtype)
+            return torch.clamp(self.floor + up + self.zero_point, self.qmin, self.qmax) - self.zero_point
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        """Pushes h(v) to 0 or 1 (sharper as beta falls)."""
+        return (1 - (2 * _h(self.v) - 1).abs().pow(beta)).sum()
+
+    def forward(self) -> torch.Tensor:
+        up = _h(self.v) if self.training else (self.v >= 0).to(self.floor.dtype)
+        return (torch.clamp(self.floor + up + self.zero_point, self.qmin, self.qmax) - self.zero_point) * self.scale
+
+
 def learn_rounding(layer_fn, weight: torch.Tensor, spec: QuantSpec, x: torch.Tensor, target: torch.Tensor,
                    channel_dim: int, channel_weight: torch.Tensor | None = None, iters: int = 500, batch: int = 8,
                    lr: float = 1e-2, reg: float = 0.01, warmup: float = 0.2, seed: int = 0) -> torch.Tensor:
@@ -85,12 +118,8 @@ def learn_rounding(layer_fn, weight: torch.Tensor, spec: QuantSpec, x: torch.Ten
 
     `layer_fn(x, w)` runs the layer with weight w; `x` and `target` hold one sample per row of dim 0.
     """
-    scale, zero_point = weight_grid(weight, spec)
-    scaled = weight.detach() / scale
-    floor = torch.floor(scaled)
-    rest = (scaled - floor).clamp(1e-4, 1 - 1e-4)
-    v = (-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1)).requires_grad_(True)  # h(v) = rest: starts at W
-    opt = torch.optim.Adam([v], lr=lr)
+    rounding = LearnedRounding(weight, spec)
+    opt = torch.optim.Adam([rounding.v], lr=lr)
     shape = [1] * target.dim()
     if channel_weight is not None:
         shape[channel_dim] = -1
@@ -101,19 +130,29 @@ def learn_rounding(layer_fn, weight: torch.Tensor, spec: QuantSpec, x: torch.Ten
     start_reg = int(warmup * iters)
     for it in range(iters):
         idx = torch.randperm(n, generator=gen)[:batch]
-        w = (torch.clamp(floor + _h(v) + zero_point, spec.qmin, spec.qmax) - zero_point) * scale
-        err = (layer_fn(x[idx], w) - target[idx]) ** 2
+        err = (layer_fn(x[idx], rounding()) - target[idx]) ** 2
         if channel_weight is not None:
             err = err * channel_weight
         loss = err.sum(channel_dim).mean()
         if it >= start_reg:
             beta = 20 + (2 - 20) * (it - start_reg) / max(1, iters - start_reg - 1)
-            loss = loss + reg * (1 - (2 * _h(v) - 1).abs().pow(beta)).sum()
+            loss = loss + reg * rounding.regulariser(beta)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        return torch.clamp(floor + (v >= 0).to(weight.dtype) + zero_point, spec.qmin, spec.qmax) - zero_point
+    return rounding.codes()
+
+
+def unrounded(hg: HybridGraph, plan: QuantPlan) -> tuple[QuantPlan, dict[str, QuantSpec]]:
+    """A copy of `plan` to learn a rounding for: weight specs calibrated (a rounding belongs to its scales), no
+    rounding or bias correction (both were made for the old rounding); and those weight specs by layer."""
+    plan = copy.deepcopy(plan)
+    specs = resolved_weight_specs(hg.gm, plan)
+    for layer, policy in plan.layers.items():
+        policy.bias_correction = policy.weight_rounding = None
+        if layer in specs:
+            policy.weight = specs[layer]
+    return plan, specs
 
 
 def adaround(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: Iterable, iters: int = 500,
@@ -127,12 +166,7 @@ def adaround(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: It
     if objective not in ("fp32", "layer"):
         raise HyfxError(f"unknown AdaRound objective {objective!r}: use 'fp32' or 'layer'")
     hg = analysed(gm)
-    plan = copy.deepcopy(plan)
-    specs = resolved_weight_specs(hg.gm, plan)
-    for layer, policy in plan.layers.items():
-        policy.bias_correction = policy.weight_rounding = None
-        if layer in specs:
-            policy.weight = specs[layer]
+    plan, specs = unrounded(hg, plan)
     images = calibration_images(calib_loader, max_batches)
     if not images:
         raise HyfxError("adaround got no calibration images: pass a non-empty calibration loader")
