@@ -35,7 +35,7 @@ from hyfx.quant.spec import QuantPlan
 from hyfx.recipes.common import analysed
 from hyfx.recipes.sampling import calibration_images
 
-_QUANTIZE = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
+QUANTIZE = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
 
 
 class LearnedFakeQuant(torch.nn.Module):
@@ -65,7 +65,7 @@ def learnable_activations(qgm: fx.GraphModule) -> dict[str, tuple[str, str]]:
     learned = {}
     for q in list(qgm.graph.nodes):
         info = q.meta.get("hyfx", {})
-        if q.op != "call_function" or q.target not in _QUANTIZE or info.get("role") == "weight":
+        if q.op != "call_function" or q.target not in QUANTIZE or info.get("role") == "weight":
             continue
         (dq,) = q.users
         if q.target == qd.quantize_per_tensor.default:

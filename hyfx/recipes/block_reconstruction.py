@@ -36,15 +36,12 @@ from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph
 from hyfx.ops import QUANT, getattr_path, weight_arg
 from hyfx.passes.insert_quant import insert_quant
-from hyfx.quant.quantizers import qd
 from hyfx.quant.rounding import encode_offsets, offsets_from_codes
 from hyfx.quant.spec import QuantPlan, QuantSpec
-from hyfx.recipes.activation_scales import learnable_activations, write_scales
+from hyfx.recipes.activation_scales import QUANTIZE, learnable_activations, write_scales
 from hyfx.recipes.adaround import LearnedRounding, unrounded
 from hyfx.recipes.common import analysed
 from hyfx.recipes.sampling import calibration_images
-
-_QUANTIZE = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
 
 
 class _Done(Exception):
@@ -82,7 +79,7 @@ def _learnable_weights(qgm: fx.GraphModule, specs: dict[str, QuantSpec]) -> dict
     learned = {}
     for q in list(qgm.graph.nodes):
         info = q.meta.get("hyfx", {})
-        if q.op != "call_function" or q.target not in _QUANTIZE or info.get("role") != "weight":
+        if q.op != "call_function" or q.target not in QUANTIZE or info.get("role") != "weight":
             continue
         (dq,) = q.users
         layer = info["quantizes"]
@@ -106,12 +103,9 @@ def _block_of(node: fx.Node, hg: HybridGraph) -> str | None:
     info = node.meta.get("hyfx")
     if info is None:
         return None
-    if info["kind"] == QUANT or "quantizes" in info:
+    if "quantizes" in info:  # a quantizer, learned or not, goes with the layer it quantizes
         return hg.tags(info["quantizes"])["block"]
     return info["block"]
-
-
-_SCALARS = (int, float, bool, torch.SymInt, torch.SymFloat)
 
 
 def _data_position(members: list[fx.Node]) -> int:
@@ -119,6 +113,9 @@ def _data_position(members: list[fx.Node]) -> int:
     top of the graph, so the first member is not it)."""
     order = {n: i for i, n in enumerate(members[0].graph.nodes)}
     return min((order[n] for n in members if any(a.op != "get_attr" for a in n.all_input_nodes)), default=len(order))
+
+
+_SCALARS = (int, float, bool, torch.SymInt, torch.SymFloat)
 
 
 def _shape_arithmetic(node: fx.Node) -> bool:
@@ -133,7 +130,6 @@ def _subgraph(qgm: fx.GraphModule, members: list[fx.Node]) -> tuple[fx.GraphModu
     Returns (module, input nodes of qgm it takes in order, output nodes of qgm it returns in order). Shape
     arithmetic the block reads from outside (a batch size) is pulled in with it, so it follows the batch."""
     inside = set(members)
-    pulled: list[fx.Node] = []
 
     def pull(n: fx.Node) -> None:
         if n in inside or n.op in ("placeholder", "get_attr") or not _shape_arithmetic(n):
@@ -141,7 +137,6 @@ def _subgraph(qgm: fx.GraphModule, members: list[fx.Node]) -> tuple[fx.GraphModu
         for a in n.all_input_nodes:
             pull(a)
         inside.add(n)
-        pulled.append(n)
 
     for n in members:
         for a in n.all_input_nodes:
