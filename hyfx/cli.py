@@ -49,6 +49,28 @@ def _pool(args: argparse.Namespace, folder: str) -> ImageSet:
     return images
 
 
+def _calibration_images(args: argparse.Namespace) -> ImageSet:
+    """`--n-calib` images drawn (seeded) from the held-out pool, or with `--calib-from-training` from the images the
+    model was trained on: the ImageNet-train / ImageNet-val protocol of the PTQ papers, applied to a zoo hybrid."""
+    if not args.calib_from_training:
+        calib, _ = split(_pool(args, args.calib), args.n_calib, seed=args.seed)
+        return calib
+    if args.n_calib < 1:
+        raise HyfxError(f"--n-calib {args.n_calib}: calibration needs at least one image")
+    trained = zoo.training_images(args.model)
+    if not trained:
+        raise HyfxError(f"--calib-from-training: {args.model} records no training images (only the hybrids hyfx "
+                        "distils do): drop the flag")
+    images = load_image_folder(args.calib).only(trained)
+    if len(images) < args.n_calib:
+        raise HyfxError(f"--calib-from-training: {args.calib} holds {len(images)} of {args.model}'s training images, "
+                        f"fewer than --n-calib {args.n_calib}: pass a smaller --n-calib or the folder it was trained on")
+    if len(images) == args.n_calib:
+        return images
+    calib, _ = split(images, args.n_calib, seed=args.seed)
+    return calib
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     model = _model(args)
     gm, _ = _captured(model)
@@ -128,7 +150,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     options = _target_options(args, recipe, options)
     model = _model(args)
     gm, config = _captured(model)
-    calib, _ = split(_pool(args, args.calib), args.n_calib, seed=args.seed)
+    calib = _calibration_images(args)
     verify_images(calib)
     loader = make_loader(calib, config, batch_size=args.batch_size)
     start = time.perf_counter()
@@ -139,7 +161,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     check_plan_target(plan, args.target)
     plan.model = args.model
     plan.meta["plan_seconds"] = round(time.perf_counter() - start, 2)
-    plan.meta["calibration"] = {**plan.meta.get("calibration", {}), "images": calib.names(), "seed": args.seed}
+    plan.meta["calibration"] = {**plan.meta.get("calibration", {}), "images": calib.names(), "seed": args.seed,
+                                 "source": "training" if args.calib_from_training else "held-out"}
     hyfx.save_plan(plan, args.out)
     print(f"{args.recipe} plan for {args.model}: {len(plan.layers)} layers, {plan.summary()}; "
           f"{len(calib)} calibration images; {plan.meta['plan_seconds']} s → {args.out}")
@@ -244,6 +267,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe", default="efficientquant", choices=sorted(RECIPES))
     p.add_argument("--calib", required=True, help="image folder (class subfolders, or images + labels.csv)")
     p.add_argument("--n-calib", type=int, default=32, help="calibration images drawn from --calib (default 32)")
+    p.add_argument("--calib-from-training", action="store_true",
+                   help="draw the calibration images from those the model was trained on (a zoo hybrid's "
+                        "distillation images), as the PTQ papers calibrate on ImageNet train; every held-out image "
+                        "is then left for eval")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bits", type=int, help="weight and activation bits (2-8)")
     p.add_argument("--w-bits", type=int)

@@ -43,6 +43,11 @@ class ImageSet:
         keep = [i for i, n in enumerate(self.names()) if n not in drop]
         return self.subset(keep)
 
+    def only(self, names: Sequence[str]) -> ImageSet:
+        """Keep only the images whose relative names are listed (e.g. a model's training images)."""
+        wanted = set(names)
+        return self.subset([i for i, n in enumerate(self.names()) if n in wanted])
+
 
 def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES

@@ -42,6 +42,7 @@ def test_quantize_then_eval_on_real_weights(capsys, tmp_path, sample_images):
     assert code == 0 and plan.is_file(), out
     saved = json.loads(plan.read_text())
     assert saved["model"] == "lite0-real" and len(saved["meta"]["calibration"]["images"]) == 8
+    assert saved["meta"]["calibration"]["source"] == "held-out"
     assert saved["meta"]["bias_correction"]["n_images"] == 8 and "bias_correction" in saved["layers"]["conv_stem"]
     result = tmp_path / "eval.json"
     code, out, _ = _run(capsys, "eval", "lite0-real", "--plan", str(plan), "--data", str(sample_images.root),
@@ -50,6 +51,24 @@ def test_quantize_then_eval_on_real_weights(capsys, tmp_path, sample_images):
     assert "fp32" in out and "minmax" in out
     payload = json.loads(result.read_text())
     assert payload["images"] == 40 and payload["results"]["minmax"]["agreement"] is not None
+
+
+def test_calibration_from_the_hybrids_training_images(capsys, tmp_path, sample_images):
+    """The papers' protocol (calibrate on train, evaluate on val) for a zoo hybrid: calibration images come from its
+    distillation set only, so none of the held-out images is spent on calibration."""
+    plan = tmp_path / "plan.json"
+    code, out, _ = _run(capsys, "quantize", "lite0-vit-real", "--recipe", "minmax", "--calib", str(sample_images.root),
+                        "--calib-from-training", "--n-calib", "4", "--out", str(plan))
+    assert code == 0, out
+    calibration = json.loads(plan.read_text())["meta"]["calibration"]
+    trained = set(zoo.training_images("lite0-vit-real"))
+    assert len(calibration["images"]) == 4 and set(calibration["images"]) <= trained
+    assert calibration["source"] == "training"
+    code, _, err = _run(capsys, "quantize", "lite0-real", "--calib", str(sample_images.root), "--calib-from-training")
+    _one_line_error(code, err, "lite0-real records no training images")
+    code, _, err = _run(capsys, "quantize", "lite0-vit-real", "--calib", str(sample_images.root),
+                        "--calib-from-training", "--n-calib", "5000")
+    _one_line_error(code, err, f"holds {len(trained)} of lite0-vit-real's training images, fewer than --n-calib 5000")
 
 
 def test_unknown_model(capsys):

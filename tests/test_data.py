@@ -45,6 +45,7 @@ def test_split_is_disjoint_seeded_and_checked(sample_images):
     assert split(sample_images, 32, 200, seed=3)[0].names() == calib.names()
     assert split(sample_images, 32, 200, seed=4)[0].names() != calib.names()
     assert len(sample_images.without(calib.names())) == len(sample_images) - 32
+    assert sample_images.only(calib.names()).names() == calib.names()
     with pytest.raises(HyfxError, match="leaves no evaluation images"):
         split(calib, 32)
     with pytest.raises(HyfxError, match="at least one image"):
