@@ -9,7 +9,14 @@ from test_qhyvit import TinyHybrid
 import hyfx
 from hyfx.passes.insert_quant import insert_quant
 from hyfx.recipes.activation_scales import learnable_activations
-from hyfx.recipes.block_reconstruction import _block_of, _Record, _subgraph, reconstruct_blocks
+from hyfx.recipes.adaround import unrounded
+from hyfx.recipes.block_reconstruction import (
+    _block_of,
+    _learnable_weights,
+    _Stream,
+    _subgraph,
+    reconstruct_blocks,
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +45,35 @@ def test_a_block_cut_out_computes_what_the_whole_graph_computes_at_any_batch_siz
     sub, inputs, outputs = _subgraph(qgm, members)
     assert len(outputs) == 1 and inputs
     x = torch.randn(5, 3, 16, 16)  # not the capture's batch size, nor the calibration's
+    stream = _Stream(qgm, [x])
     with torch.no_grad():
-        recorded = _Record(qgm, {n.name for n in inputs + outputs}).record(x)
-        (out,) = sub(*(recorded[n.name] for n in inputs))
-    torch.testing.assert_close(out, recorded[outputs[0].name])
+        *xs, target = stream.take(inputs + outputs, stream.index[outputs[0]] + 1)
+        (out,) = sub(*xs)
+    torch.testing.assert_close(out, target)
+
+
+def test_the_stream_hands_each_block_what_a_fresh_run_computes_after_earlier_blocks_changed(hybrid):
+    """Inputs come from one pass kept between blocks; a weight's rounding, passed at the top of the graph before
+    its block was trained, must be recomputed where it is used, not kept."""
+    hg, images, plan = hybrid
+    plan, specs = unrounded(hg, plan)
+    qgm = insert_quant(hg.gm, plan)
+    roundings = _learnable_weights(qgm, specs)
+    qgm.eval()
+    stream = _Stream(qgm, images[:2])
+    blocks = {b: [n for n in qgm.graph.nodes if _block_of(n, hg) == b] for b in ("block", "head")}
+    starts = {b: min(stream.index[n] for n in ns if n not in stream.constant) for b, ns in blocks.items()}
+    with torch.no_grad():
+        for block in ("block", "head"):
+            _, inputs, _ = _subgraph(qgm, blocks[block])
+            streamed = stream.take(inputs, starts[block])
+            fresh = _Stream(qgm, images[:2]).take(inputs, starts[block])
+            for a, b in zip(streamed, fresh, strict=True):
+                torch.testing.assert_close(a, b, rtol=0, atol=0)
+            for name, layer in roundings.items():  # "train" this block's rounding: the next block's inputs change
+                if hg.tags(layer)["block"] == block:
+                    qgm.get_submodule(name).v.add_(torch.randn_like(qgm.get_submodule(name).v) * 3)
+    assert len(stream.envs[0]) <= 4  # only values still read downstream are kept
 
 
 def test_reconstruction_lowers_the_error_on_unseen_inputs(hybrid):

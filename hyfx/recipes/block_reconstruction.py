@@ -44,32 +44,65 @@ from hyfx.recipes.common import analysed
 from hyfx.recipes.sampling import calibration_images
 
 
-class _Done(Exception):
-    pass
+class _Stream(fx.Interpreter):
+    """A graph run over every calibration batch and kept where it stopped, so each block's inputs (and FP32
+    targets) come from one pass through the graph instead of a re-run from the images per block.
 
+    Only values a later node still reads are kept. Nodes that read no data (a weight's learned rounding) are
+    recomputed where they are used, never kept: a block trained after the stream passed them changes them."""
 
-class _Record(fx.Interpreter):
-    """Runs a graph until every node named in `names` is computed and returns their values."""
-
-    def __init__(self, gm: fx.GraphModule, names: set[str]):
+    def __init__(self, gm: fx.GraphModule, images: list[torch.Tensor]):
         super().__init__(gm)
-        self.names, self.values = names, {}
+        self.nodes = list(gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.by_name = {n.name: n for n in self.nodes}
+        self.constant: set[fx.Node] = set()
+        for n in self.nodes:
+            if n.op == "get_attr" or (n.op in ("call_function", "call_method", "call_module")
+                                      and all(a in self.constant for a in n.all_input_nodes)):
+                self.constant.add(n)
+        self.last_use = {n: max((self.index[u] for u in n.users), default=-1) for n in self.nodes}
+        self.envs = [{} for _ in images]
+        self.images = images
+        self.position = 0
+
+    def _value(self, n: fx.Node):
+        if n in self.constant and n not in self.env:
+            for a in n.all_input_nodes:
+                self._value(a)
+            self.env[n] = super().run_node(n)
+        return self.env[n]
 
     def run_node(self, n: fx.Node):
-        value = super().run_node(n)
-        if n.name in self.names:
-            self.values[n.name] = value
-            if len(self.values) == len(self.names):
-                raise _Done
-        return value
+        for a in n.all_input_nodes:
+            self._value(a)
+        return super().run_node(n)
 
-    def record(self, x: torch.Tensor) -> dict:
-        self.values = {}
-        try:
-            self.run(x)
-        except _Done:
-            pass
-        return self.values
+    def advance(self, until: int, keep: set[fx.Node] = frozenset()) -> None:
+        """Run every node before position `until`, freeing values no node at or after `until` reads."""
+        for env, x in zip(self.envs, self.images, strict=True):
+            self.env = env
+            for n in self.nodes[self.position:until]:
+                if n.op == "placeholder":
+                    env[n] = x
+                elif n.op != "output" and n not in self.constant:
+                    env[n] = self.run_node(n)
+            for n in [n for n in env if n in self.constant or (self.last_use[n] < until and n not in keep)]:
+                del env[n]
+        self.position = max(self.position, until)
+
+    def take(self, nodes: list[fx.Node], until: int) -> list[torch.Tensor]:
+        """The values of `nodes` over every batch, concatenated, after advancing to `until`."""
+        self.advance(until, keep=set(nodes))
+        source = self
+        if not all(n in env for env in self.envs for n in nodes):
+            # a value computed after `until` or freed before it (nodes of blocks interleaved): run afresh to it
+            source = _Stream(self.module, self.images)
+            source.advance(max(self.index[n] for n in nodes) + 1, keep=set(nodes))
+        if not all(n in env for env in source.envs for n in nodes):
+            raise HyfxError(f"block reconstruction cannot record {', '.join(n.name for n in nodes)}: a block input "
+                            "computed from weights alone is not supported")
+        return [torch.cat([env[n] for env in source.envs]) for n in nodes]
 
 
 def _learnable_weights(qgm: fx.GraphModule, specs: dict[str, QuantSpec]) -> dict[str, str]:
@@ -106,13 +139,6 @@ def _block_of(node: fx.Node, hg: HybridGraph) -> str | None:
     if "quantizes" in info:  # a quantizer, learned or not, goes with the layer it quantizes
         return hg.tags(info["quantizes"])["block"]
     return info["block"]
-
-
-def _data_position(members: list[fx.Node]) -> int:
-    """Where a block's computation starts in graph order (a weight's quantizer sits with the constants at the
-    top of the graph, so the first member is not it)."""
-    order = {n: i for i, n in enumerate(members[0].graph.nodes)}
-    return min((order[n] for n in members if any(a.op != "get_attr" for a in n.all_input_nodes)), default=len(order))
 
 
 _SCALARS = (int, float, bool, torch.SymInt, torch.SymFloat)
@@ -201,21 +227,22 @@ def reconstruct_blocks(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_
         block = _block_of(n, hg)
         if block is not None:
             blocks.setdefault(block, []).append(n)
-    todo = sorted(((b, ns) for b, ns in blocks.items() if any(n.op == "call_module" and n.target in trainable
-                                                             for n in ns)), key=lambda item: _data_position(item[1]))
     qgm.eval()
+    quant, fp = _Stream(qgm, images), _Stream(hg.gm, images)
+    # where a block's computation starts: its first node that reads data (weights' nodes sit at the graph's top)
+    starts = {b: min((quant.index[n] for n in ns if n not in quant.constant), default=len(quant.nodes))
+              for b, ns in blocks.items()}
+    todo = sorted(((b, ns) for b, ns in blocks.items() if any(n.op == "call_module" and n.target in trainable
+                                                             for n in ns)), key=lambda item: starts[item[0]])
     start, report = time.perf_counter(), []
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         for block, members in tqdm(todo, desc="block reconstruction", disable=not progress):
             sub, inputs, outputs = _subgraph(qgm, members)
-            sources = [_fp_source(n).name for n in outputs]
+            sources = [fp.by_name[_fp_source(n).name] for n in outputs]
             with torch.no_grad():
-                quant, fp = _Record(qgm, {n.name for n in inputs}), _Record(hg.gm, set(sources))
-                recorded = [quant.record(x) for x in images]
-                xs = [torch.cat([r[n.name] for r in recorded]) for n in inputs]
-                recorded = [fp.record(x) for x in images]
-                targets = [torch.cat([r[s] for r in recorded]) for s in sources]
+                xs = quant.take(inputs, starts[block])
+                targets = fp.take(sources, max(fp.index[n] for n in sources) + 1)
             mods = [qgm.get_submodule(n.target) for n in members if n.op == "call_module" and n.target in trainable]
             report.append([block, *_train(sub, mods, xs, targets, iters, batch, lr, scale_lr, drop, reg, warmup)])
     for name, layer in roundings.items():
