@@ -50,12 +50,13 @@ def real_models() -> list[str]:
 
 def run_model(name: str, bits_list: list[int], recipes: list[str], ablation: bool, n_calib: int, n_eval: int | None,
               seed: int, out: dict, save, learned: bool = False, split_outliers: float | None = None,
-              reconstructed: bool = False) -> None:
+              reconstructed: bool = False, from_training: bool = False) -> None:
     model = zoo.create(name)
     config = data_config(model)
-    calib, evaluation = bench_images(name, n_calib=n_calib, n_eval=n_eval, seed=seed)
+    calib, evaluation = bench_images(name, n_calib=n_calib, n_eval=n_eval, seed=seed, from_training=from_training)
     hg = hyfx.analyze(hyfx.capture(model, example_input(config)), split_outliers)
-    entry = out["models"].setdefault(name, {"n_calib": len(calib), "n_eval": len(evaluation)})
+    entry = out["models"].setdefault(name, {"n_calib": len(calib), "n_eval": len(evaluation),
+                                            "calibration": "training" if from_training else "held-out"})
     if split_outliers is not None:
         entry["split_outliers"] = hg.gm.meta[SPLIT_META]
 
@@ -95,7 +96,9 @@ def markdown(out: dict) -> str:
              "Plan time is quoted with its ratio to one FP32 forward+backward pass over the calibration images "
              "timed in the same run (shared machine: absolute seconds vary between runs).", ""]
     for name, entry in out["models"].items():
-        lines += [f"## {name} ({entry['n_eval']} evaluation images; FP32 pass {entry['fp32_pass_seconds']} s)", ""]
+        source = " drawn from its training images" if entry.get("calibration") == "training" else ""
+        lines += [f"## {name} ({entry['n_eval']} evaluation images; calibration images{source}; FP32 pass "
+                  f"{entry['fp32_pass_seconds']} s)", ""]
         if "split_outliers" in entry:
             split = entry["split_outliers"]
             lines += [f"Every recipe ran on the graph with conv outlier weights split out (threshold "
@@ -137,6 +140,8 @@ def main() -> None:
     parser.add_argument("--split-outliers", type=float, nargs="?", const=16.0, default=None, metavar="SIGMA",
                         help="run every recipe on the graph with conv outlier weights split out (hyfx.passes.split_outliers)")
     parser.add_argument("--n-calib", type=int, default=32)
+    parser.add_argument("--calib-from-training", action="store_true",
+                        help="calibrate a distilled hybrid on images it was trained on (zoo.calibration_split)")
     parser.add_argument("--n-eval", type=int, default=None, help="default: every other image")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
@@ -154,7 +159,7 @@ def main() -> None:
 
     for name in args.models or real_models():
         run_model(name, args.bits, args.recipes, not args.no_ablation, args.n_calib, args.n_eval, args.seed, out, save,
-                  args.adaround, args.split_outliers, args.reconstruct_blocks)
+                  args.adaround, args.split_outliers, args.reconstruct_blocks, args.calib_from_training)
     if not args.no_xxs:
         xxs_timing(out, save)
     save()

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 import hyfx
 from hyfx import zoo
-from hyfx.data import ImageSet, data_config, example_input, find_sample_dir, load_image_folder, make_loader, split
+from hyfx.data import ImageSet, data_config, example_input, find_sample_dir, load_image_folder, make_loader
 from hyfx.errors import HyfxError
 from hyfx.evaluate import Predictions, accuracy, compare, wilson_interval
 from hyfx.graph import HybridGraph
@@ -76,16 +76,13 @@ def _log(line: str) -> None:
 
 
 def bench_images(name: str, folder: str | Path | None = None, n_calib: int = 32, n_eval: int | None = None,
-                 seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """Calibration and (disjoint) evaluation images: the folder minus the images the model was trained on."""
+                 seed: int = 0, from_training: bool = False) -> tuple[ImageSet, ImageSet]:
+    """Calibration and (disjoint) evaluation images of the folder (default: the sample), never the images the
+    model was trained on for evaluation (`zoo.calibration_split`)."""
     folder = folder or find_sample_dir()
     if folder is None:
         raise HyfxError("no image folder: pass --data DIR (class subfolders, or images + labels.csv)")
-    pool = load_image_folder(folder)
-    trained = zoo.training_images(name)
-    if trained:
-        pool = pool.without(trained)
-    return split(pool, n_calib, n_eval, seed=seed)
+    return zoo.calibration_split(name, load_image_folder(folder), n_calib, n_eval, seed, from_training)
 
 
 def fp32_pass_seconds(gm: fx.GraphModule, images: list[torch.Tensor]) -> float:

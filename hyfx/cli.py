@@ -49,28 +49,6 @@ def _pool(args: argparse.Namespace, folder: str) -> ImageSet:
     return images
 
 
-def _calibration_images(args: argparse.Namespace) -> ImageSet:
-    """`--n-calib` images drawn (seeded) from the held-out pool, or with `--calib-from-training` from the images the
-    model was trained on: the ImageNet-train / ImageNet-val protocol of the PTQ papers, applied to a zoo hybrid."""
-    if not args.calib_from_training:
-        calib, _ = split(_pool(args, args.calib), args.n_calib, seed=args.seed)
-        return calib
-    if args.n_calib < 1:
-        raise HyfxError(f"--n-calib {args.n_calib}: calibration needs at least one image")
-    trained = zoo.training_images(args.model)
-    if not trained:
-        raise HyfxError(f"--calib-from-training: {args.model} records no training images (only the hybrids hyfx "
-                        "distils do): drop the flag")
-    images = load_image_folder(args.calib).only(trained)
-    if len(images) < args.n_calib:
-        raise HyfxError(f"--calib-from-training: {args.calib} holds {len(images)} of {args.model}'s training images, "
-                        f"fewer than --n-calib {args.n_calib}: pass a smaller --n-calib or the folder it was trained on")
-    if len(images) == args.n_calib:
-        return images
-    calib, _ = split(images, args.n_calib, seed=args.seed)
-    return calib
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     model = _model(args)
     gm, _ = _captured(model)
@@ -150,7 +128,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     options = _target_options(args, recipe, options)
     model = _model(args)
     gm, config = _captured(model)
-    calib = _calibration_images(args)
+    calib, _ = zoo.calibration_split(args.model, load_image_folder(args.calib), args.n_calib, seed=args.seed,
+                                     from_training=args.calib_from_training)
     verify_images(calib)
     loader = make_loader(calib, config, batch_size=args.batch_size)
     start = time.perf_counter()

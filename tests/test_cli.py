@@ -68,7 +68,7 @@ def test_calibration_from_the_hybrids_training_images(capsys, tmp_path, sample_i
     _one_line_error(code, err, "lite0-real records no training images")
     code, _, err = _run(capsys, "quantize", "lite0-vit-real", "--calib", str(sample_images.root),
                         "--calib-from-training", "--n-calib", "5000")
-    _one_line_error(code, err, f"holds {len(trained)} of lite0-vit-real's training images, fewer than --n-calib 5000")
+    _one_line_error(code, err, f"holds {len(trained)} of lite0-vit-real's training images, fewer than the 5000 asked for")
 
 
 def test_unknown_model(capsys):

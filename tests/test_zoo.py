@@ -109,3 +109,17 @@ def test_unknown_name_is_one_line_error():
         zoo.create("no-such-model")
     msg = str(info.value)
     assert "\n" not in msg and "unknown model 'no-such-model'" in msg and "lite0-real" in msg
+
+
+def test_calibration_split_never_evaluates_on_training_images(sample_images):
+    trained = set(zoo.training_images("lite0-vit-real"))
+    calib, evaluation = zoo.calibration_split("lite0-vit-real", sample_images, 32)
+    assert len(evaluation) == len(sample_images) - len(trained) - 32
+    assert not (set(calib.names()) | set(evaluation.names())) & trained
+    calib, evaluation = zoo.calibration_split("lite0-vit-real", sample_images, 32, from_training=True)
+    assert len(calib) == 32 and set(calib.names()) <= trained
+    assert len(evaluation) == len(sample_images) - len(trained) and not set(evaluation.names()) & trained
+    _, some = zoo.calibration_split("lite0-vit-real", sample_images, 32, n_eval=50, from_training=True)
+    assert len(some) == 50 and set(some.names()) <= set(evaluation.names())
+    with pytest.raises(HyfxError, match="lite0-real records no training images"):
+        zoo.calibration_split("lite0-real", sample_images, 32, from_training=True)
