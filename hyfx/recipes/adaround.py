@@ -96,11 +96,13 @@ class LearnedRounding(torch.nn.Module):
         self.v = torch.nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
         self.qmin, self.qmax = spec.qmin, spec.qmax
 
+    def _codes(self, up: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(self.floor + up + self.zero_point, self.qmin, self.qmax) - self.zero_point
+
     def codes(self) -> torch.Tensor:
         """The hard integer codes, zero point removed."""
         with torch.no_grad():
-            up = (self.v >= 0).to(self.floor.dtype)
-            return torch.clamp(self.floor + up + self.zero_point, self.qmin, self.qmax) - self.zero_point
+            return self._codes((self.v >= 0).to(self.floor.dtype))
 
     def regulariser(self, beta: float) -> torch.Tensor:
         """Pushes h(v) to 0 or 1 (sharper as beta falls)."""
@@ -108,7 +110,7 @@ class LearnedRounding(torch.nn.Module):
 
     def forward(self) -> torch.Tensor:
         up = _h(self.v) if self.training else (self.v >= 0).to(self.floor.dtype)
-        return (torch.clamp(self.floor + up + self.zero_point, self.qmin, self.qmax) - self.zero_point) * self.scale
+        return self._codes(up) * self.scale
 
 
 def learn_rounding(layer_fn, weight: torch.Tensor, spec: QuantSpec, x: torch.Tensor, target: torch.Tensor,
