@@ -18,6 +18,23 @@ def sample_images() -> ImageSet:
     return load_image_folder(root)
 
 
+@pytest.fixture
+def lite0_real_w6_plan(capsys, tmp_path, sample_images):
+    """`hyfx quantize lite0-real --recipe minmax --bits 6` on 4 sample images with extra flags, as a user runs it;
+    returns (plan, stdout) and fails the test if the command does."""
+    from hyfx import cli
+
+    def run(*flags: str) -> tuple[hyfx.QuantPlan, str]:
+        path = tmp_path / "plan.json"
+        code = cli.main(["quantize", "lite0-real", "--recipe", "minmax", "--bits", "6", "--calib",
+                         str(sample_images.root), "--n-calib", "4", *flags, "--out", str(path)])
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return hyfx.load_plan(path), out
+
+    return run
+
+
 class ConvHead(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -63,16 +63,11 @@ def test_a_plan_without_activation_quantizers_is_refused(conv_head):
         learn_activation_scales(hg, plan, calib, steps=2, progress=False)
 
 
-def test_cli_learns_the_activation_scales_of_a_real_model(capsys, tmp_path, sample_images):
+def test_cli_learns_the_activation_scales_of_a_real_model(capsys, sample_images, lite0_real_w6_plan):
     """The wiring end to end on lite0-real (2 steps: what the steps buy is measured in the module's docstring)."""
     from hyfx import cli
 
-    plan_path = tmp_path / "plan.json"
-    code = cli.main(["quantize", "lite0-real", "--recipe", "minmax", "--bits", "6", "--calib", str(sample_images.root),
-                     "--n-calib", "4", "--learn-activations", "2", "--out", str(plan_path)])
-    _, err = capsys.readouterr()
-    assert code == 0, err
-    plan = hyfx.load_plan(plan_path)
+    plan, _ = lite0_real_w6_plan("--learn-activations", "2")
     meta = plan.meta["activation_scales"]
     assert meta["steps"] == 2 and meta["n_images"] == 4
     assert meta["quantizers"] == sum(len(p.inputs) for p in plan.layers.values()) > 40

@@ -151,16 +151,11 @@ def test_a_changed_weight_spec_drops_the_rounding_made_for_the_old_one(conv_head
     assert cpu.layers["conv"].weight_rounding is not None  # 3-bit symmetric fits the 4-bit kernels: carried
 
 
-def test_cli_learns_the_rounding_of_every_layer_of_a_real_model(capsys, tmp_path, sample_images):
+def test_cli_learns_the_rounding_of_every_layer_of_a_real_model(capsys, sample_images, lite0_real_w6_plan):
     """The wiring end to end on lite0-real (2 steps per layer: what the steps buy is benchmarks/accuracy.py's)."""
     from hyfx import cli
 
-    plan_path = tmp_path / "plan.json"
-    code = cli.main(["quantize", "lite0-real", "--recipe", "minmax", "--bits", "6", "--calib", str(sample_images.root),
-                     "--n-calib", "4", "--adaround", "2", "--bias-correction", "--out", str(plan_path)])
-    out, err = capsys.readouterr()
-    assert code == 0, err
-    plan = hyfx.load_plan(plan_path)
+    plan, out = lite0_real_w6_plan("--adaround", "2", "--bias-correction")
     weighted = [p for p in plan.layers.values() if p.weight is not None]
     assert len(weighted) == 50 and all(p.weight_rounding is not None and p.bias_correction is not None
                                        for p in weighted)

@@ -131,16 +131,11 @@ def test_bad_settings_are_refused(hybrid):
         reconstruct_blocks(hg, empty, images, progress=False)
 
 
-def test_cli_reconstructs_every_block_of_a_real_model(capsys, tmp_path, sample_images):
+def test_cli_reconstructs_every_block_of_a_real_model(capsys, sample_images, lite0_real_w6_plan):
     """The wiring end to end on lite0-real (2 steps per block: what the steps buy is in the README's table)."""
     from hyfx import cli
 
-    plan_path = tmp_path / "plan.json"
-    code = cli.main(["quantize", "lite0-real", "--recipe", "minmax", "--bits", "6", "--calib", str(sample_images.root),
-                     "--n-calib", "4", "--reconstruct-blocks", "2", "--out", str(plan_path)])
-    _, err = capsys.readouterr()
-    assert code == 0, err
-    plan = hyfx.load_plan(plan_path)
+    plan, _ = lite0_real_w6_plan("--reconstruct-blocks", "2")
     meta = plan.meta["block_reconstruction"]
     assert meta["iters"] == 2 and meta["n_images"] == 4 and meta["roundings"] == 50
     order = [block for block, _, _ in meta["loss"]]  # [block, loss before, loss after] in graph order
