@@ -32,11 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import hyfx
 from hyfx import zoo
-from hyfx.bench import METHODS, accuracy_tables, bench_images, fp32_pass_seconds, variants
 from hyfx.data import data_config, example_input, find_sample_dir, load_image_folder, make_loader, split
-from hyfx.passes.split_outliers import META_KEY as SPLIT_META
-from hyfx.recipes import RECIPES
-from hyfx.recipes.sampling import calibration_images
+from hyfx.meta import SPLIT_OUTLIERS as SPLIT_META
+from hyfx.pipelines.bench import METHODS, accuracy_tables, bench_images, fp32_pass_seconds, variants
+from hyfx.search.sampling import calibration_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -130,7 +129,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="*", default=None, help="default: every real-weight zoo model available")
     parser.add_argument("--bits", nargs="*", type=int, default=[8, 6])
-    parser.add_argument("--recipes", nargs="*", default=list(METHODS), choices=sorted(RECIPES))
+    parser.add_argument("--recipes", nargs="*", default=list(METHODS), choices=hyfx.recipes.available())
     parser.add_argument("--no-ablation", action="store_true")
     parser.add_argument("--no-xxs", action="store_true", help="skip the mobilevit_xxs plan-time measurement")
     parser.add_argument("--adaround", action="store_true",

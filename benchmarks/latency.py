@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import hyfx
 from hyfx import zoo
-from hyfx.backends import ort as hort
-from hyfx.bench import bench_images, ort_accuracy, ort_models, time_models
+from hyfx.cpu import cpu_info
 from hyfx.data import data_config, example_input, make_loader
+from hyfx.pipelines.bench import bench_images, ort_accuracy, ort_models, time_models
 
 MOBILEVIT = ["mobilevit_xxs", "mobilevit_xs", "mobilevit_s", "mobilevitv2_050", "mobilevitv2_100", "mobilevitv2_200"]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -164,16 +163,11 @@ def main(argv=None) -> int:
         real = []
     import onnxruntime
 
-    report = {"environment": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                              "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-                              "vnni": hort.cpu_has_vnni()},
+    cpu = cpu_info()
+    report = {"environment": {"cpu": cpu.model, "cores": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+                              "torch": torch.__version__, "vnni": cpu.vnni, "cpu_features": cpu.features()},
               "threads": args.threads, "runs": args.runs, "batches": args.batches, "cpu_time": args.cpu_time,
               "recipes": args.recipes, "speed": {}, "accuracy": {}}
-    try:
-        report["environment"]["cpu"] = next(line.split(":", 1)[1].strip() for line in
-                                            Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

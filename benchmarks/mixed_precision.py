@@ -34,9 +34,9 @@ from hyfx.data import data_config, example_input, find_sample_dir, load_image_fo
 from hyfx.errors import HyfxError
 from hyfx.evaluate import accuracy, predict
 from hyfx.hardware import DEFAULT_CONFIGS, PROFILES, BitConfig, RooflineLatency, graph_work, model_bytes, this_cpu
-from hyfx.recipes.hysquant import Budget, CostModel, PlanEvaluator, TorchTimer, latency_ratio, search
-from hyfx.recipes.pareto import pareto_front, plot_front
-from hyfx.recipes.sensitivity import Policies, SensitivityTable, build_table, reprice
+from hyfx.mixed.engine import Budget, CostModel, PlanEvaluator, TorchTimer, latency_ratio, search
+from hyfx.mixed.pareto import pareto_front, plot_front
+from hyfx.mixed.sensitivity import Policies, SensitivityTable, build_table, reprice
 
 SEARCHES = [  # (name, device whose roofline prices latency, budgets, objective, measure latency with the torch timer)
     ("max accuracy, bytes 0.6x", "cpu", ["bytes=0.6x"], "kl", False),

@@ -1,6 +1,6 @@
 """Reproduction report: the seed papers' tables on hyfx, with plots, in one command.
 
-For every real-weight zoo model (lite0-real; lite0-vit-real when its checkpoint exists), `hyfx.bench`:
+For every real-weight zoo model (lite0-real; lite0-vit-real when its checkpoint exists), `hyfx.pipelines.bench`:
 EfficientQuant's Table 1 analogue and Q-HyViT's Tables 1-3 (W8A8 / W6A6, partial and full quantization,
 ablation) on one set of evaluation images, with the published numbers that could be traced beside ours;
 the ONNX Runtime latency / size table (plus mobilevit_s, the HySquant paper's model, for speed only: random
@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import hyfx
 from hyfx import zoo
-from hyfx.bench import METHODS, bench_images, bench_model, environment, ort_latency, variants
-from hyfx.bench_report import EVALUATION_SET, latency_table, load_paper_tables, render
 from hyfx.data import data_config, example_input, make_loader
 from hyfx.hardware import DEFAULT_CONFIGS, PROFILES, BitConfig, RooflineLatency, graph_work, model_bytes, this_cpu
-from hyfx.recipes.pareto import pareto_front, plot_front
-from hyfx.recipes.sensitivity import Policies, SensitivityTable, build_table, reprice
+from hyfx.mixed.pareto import pareto_front, plot_front
+from hyfx.mixed.sensitivity import Policies, SensitivityTable, build_table, reprice
+from hyfx.pipelines.bench import METHODS, bench_images, bench_model, environment, ort_latency, variants
+from hyfx.pipelines.bench_report import EVALUATION_SET, latency_table, load_paper_tables, render
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mixed_precision import TestSet, splits  # noqa: E402  (the HySquant benchmark's image splits and test set)

@@ -16,11 +16,11 @@ import torch
 import torch.fx as fx
 
 from hyfx.errors import HyfxError
+from hyfx.meta import CAPTURE, EXAMPLE_SHAPE
 
 log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-5
-META_KEY = "hyfx_capture"
 
 
 @dataclass
@@ -113,7 +113,7 @@ def capture(
 ) -> fx.GraphModule:
     """Capture `model` (in eval mode) as a GraphModule whose output equals eager within `tolerance`.
 
-    The report (method, measured difference, float leaves) is stored in `gm.meta["hyfx_capture"]`.
+    The report (method, measured difference, float leaves) is stored in `gm.meta[CAPTURE]`.
     Raises HyfxError when the model cannot be captured or the captured graph disagrees with eager.
     """
     if not isinstance(model, torch.nn.Module):
@@ -141,10 +141,10 @@ def capture(
             f"captured graph disagrees with eager PyTorch: max abs diff {report.max_abs_diff:.3g} > {tolerance:g}; "
             "report this model, the graph is not safe to quantize"
         )
-    gm.meta[META_KEY] = report
-    gm.meta["hyfx_example_shape"] = tuple(example_input.shape)
+    gm.meta[CAPTURE] = report
+    gm.meta[EXAMPLE_SHAPE] = tuple(example_input.shape)
     return gm
 
 
 def capture_report(gm: fx.GraphModule) -> CaptureReport | None:
-    return gm.meta.get(META_KEY)
+    return gm.meta.get(CAPTURE)

@@ -11,6 +11,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from hyfx.meta import TAGS
 from hyfx.quant.calibrate import collect
 
 
@@ -103,8 +104,8 @@ def per_layer_sqnr(float_gm: fx.GraphModule, quant_gm: fx.GraphModule, layers: l
     Errors accumulate: a layer's SQNR includes everything quantized upstream of it.
     """
     def node_names(gm: fx.GraphModule) -> dict[str, str]:
-        return {n.meta["hyfx"]["name"]: n.name for n in gm.graph.nodes
-                if "hyfx" in n.meta and n.meta["hyfx"]["kind"] != "quant"}
+        return {n.meta[TAGS]["name"]: n.name for n in gm.graph.nodes
+                if TAGS in n.meta and n.meta[TAGS]["kind"] != "quant"}
 
     float_names, quant_names = node_names(float_gm), node_names(quant_gm)
     layers = [layer for layer in layers if layer in float_names and layer in quant_names]

@@ -10,10 +10,12 @@ import networkx as nx
 import torch.fx as fx
 
 from hyfx.errors import HyfxError
+from hyfx.meta import SPLIT_OUTLIERS as SPLIT_META
+from hyfx.meta import TAGS
 from hyfx.ops import CONV, LINEAR, MATMUL, node_shape
 from hyfx.passes.bridges import Bridge, find_bridges
 from hyfx.passes.decompose_attention import decompose_attention
-from hyfx.passes.split_outliers import META_KEY as SPLIT_META
+from hyfx.passes.insert_quant import insert_quant
 from hyfx.passes.split_outliers import split_weight_outliers
 from hyfx.passes.tag import tag
 
@@ -39,10 +41,10 @@ class HybridGraph:
     bridges: list[Bridge]
 
     def nodes(self) -> list[fx.Node]:
-        return [n for n in self.gm.graph.nodes if "hyfx" in n.meta]
+        return [n for n in self.gm.graph.nodes if TAGS in n.meta]
 
     def tags(self, name: str) -> dict:
-        return self.node(name).meta["hyfx"]
+        return self.node(name).meta[TAGS]
 
     def node(self, name: str) -> fx.Node:
         index = self._index()
@@ -52,11 +54,11 @@ class HybridGraph:
 
     def _index(self) -> dict[str, fx.Node]:
         if not hasattr(self, "_by_name"):
-            self._by_name = {n.meta["hyfx"]["name"]: n for n in self.nodes()}
+            self._by_name = {n.meta[TAGS]["name"]: n for n in self.nodes()}
         return self._by_name
 
     def layers(self, kinds: tuple[str, ...] = QUANTIZABLE_KINDS) -> list[str]:
-        return [n.meta["hyfx"]["name"] for n in self.nodes() if n.meta["hyfx"]["kind"] in kinds]
+        return [n.meta[TAGS]["name"] for n in self.nodes() if n.meta[TAGS]["kind"] in kinds]
 
     def edge_layers(self) -> list[str]:
         """The network's first and last weighted layers: the convs / linears reached from the graph input, and those
@@ -65,10 +67,20 @@ class HybridGraph:
         inputs = [n for n in graph.nodes if n.op == "placeholder"]
         outputs = [n for n in graph.nodes if n.op == "output"]
         edges = _first_weighted(inputs, lambda n: n.users) | _first_weighted(outputs, lambda n: n.all_input_nodes)
-        return [n.meta["hyfx"]["name"] for n in graph.nodes if n in edges]
+        return [n.meta[TAGS]["name"] for n in graph.nodes if n in edges]
 
     def bridge_layers(self) -> dict[str, Bridge]:
         return {layer: b for b in self.bridges for layer in b.layers}
+
+    def exact_weight_layers(self) -> list[str]:
+        """The layers whose weights stay 8-bit where the CPU's GEMM would need 7: transformer blocks and bridges.
+
+        Without VNNI they run ONNX Runtime's u8u8 kernels (uint8 weights with zero point 128), which cannot
+        saturate, at some speed; the README's CPU lowering section has the accuracy this keeps.
+        """
+        bridges = self.bridge_layers()
+        return [layer for layer in self.layers((CONV, LINEAR))
+                if self.tags(layer).get("region") == "transformer" or layer in bridges]
 
     def cnn_blocks(self) -> list[str]:
         return [b.name for b in self.blocks if b.kind == "cnn"]
@@ -80,7 +92,7 @@ class HybridGraph:
         """Data-flow graph over every node; attributes are the hyfx tags plus op, target and shape."""
         graph = nx.DiGraph()
         for node in self.gm.graph.nodes:
-            attrs = dict(node.meta.get("hyfx", {}))
+            attrs = dict(node.meta.get(TAGS, {}))
             attrs.update(op=node.op, target=str(node.target), shape=str(node_shape(node) or ""))
             graph.add_node(node.name, **attrs)
             for src in node.all_input_nodes:
@@ -99,7 +111,7 @@ def analyze(gm: fx.GraphModule, split_outliers: float | None = None) -> HybridGr
     tagged = tag(decompose_attention(gm))
     blocks: dict[str, Block] = {}
     for node in tagged.graph.nodes:
-        info = node.meta.get("hyfx")
+        info = node.meta.get(TAGS)
         if info is None:
             continue
         block = blocks.setdefault(info["block"], Block(info["block"], info["block_kind"]))
@@ -110,6 +122,11 @@ def analyze(gm: fx.GraphModule, split_outliers: float | None = None) -> HybridGr
     for bridge in bridges:
         blocks[bridge.block].bridge = True
     return HybridGraph(tagged, list(blocks.values()), bridges)
+
+
+def analysed(gm: fx.GraphModule | HybridGraph) -> HybridGraph:
+    """`gm` itself when already analysed, else `analyze(gm)`."""
+    return gm if isinstance(gm, HybridGraph) else analyze(gm)
 
 
 def split_threshold(hg: HybridGraph) -> float | None:
@@ -125,6 +142,12 @@ def analyze_for(gm: fx.GraphModule | HybridGraph, plan: QuantPlan | None) -> Hyb
     return analyze(gm, plan.meta.get("split_outliers") if plan is not None else None)
 
 
+def quantize(gm: fx.GraphModule | HybridGraph, plan: QuantPlan) -> fx.GraphModule:
+    """The quantized model: `gm` analysed as `plan` was made (attention decomposed, tagged, split as it records) with
+    the plan's quantizers inserted."""
+    return insert_quant(analyze_for(gm, plan).gm, plan)
+
+
 def _first_weighted(start: list[fx.Node], neighbours) -> set[fx.Node]:
     """The convs / linears met first walking tensors from `start` along `neighbours`, not past a matmul (shape
     arithmetic is not walked: an input's batch size reaches every reshape of the network)."""
@@ -134,7 +157,7 @@ def _first_weighted(start: list[fx.Node], neighbours) -> set[fx.Node]:
             if node in seen or node_shape(node) is None:
                 continue
             seen.add(node)
-            kind = node.meta.get("hyfx", {}).get("kind")
+            kind = node.meta.get(TAGS, {}).get("kind")
             if kind in (CONV, LINEAR):
                 found.add(node)
             elif kind != MATMUL:

@@ -12,9 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
-import statistics
-import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +20,9 @@ from typing import Protocol, runtime_checkable
 import torch
 import torch.fx as fx
 
+from hyfx.cpu import cpu_info
 from hyfx.errors import HyfxError
+from hyfx.meta import TAGS
 from hyfx.ops import CONV, LINEAR, MATMUL, QUANT, RESHAPE, example_shape, weight_arg
 
 QUANTIZABLE = (CONV, LINEAR, MATMUL)
@@ -147,25 +146,6 @@ CPU_WATTS_PER_CORE = 280.0 / 64  # AMD EPYC 7763: 280 W TDP over 64 cores; an es
 CPU_BANDWIDTH_PER_CORE = 20e9  # bytes/s a single core streams from DDR4, an estimate
 
 
-def _cpu_flags() -> tuple[set[str], float | None, str]:
-    flags: set[str] = set()
-    mhz, model = None, platform.processor() or platform.machine()
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return flags, mhz, model
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key, value = key.strip(), value.strip()
-        if key == "flags" and not flags:
-            flags = set(value.split())
-        elif key == "cpu MHz" and mhz is None:
-            mhz = float(value)
-        elif key == "model name":
-            model = value
-    return flags, mhz, model
-
-
 def this_cpu(threads: int | None = None) -> DeviceProfile:
     """A profile for the CPU cores this process uses, from /proc/cpuinfo (SIMD width, clock) and estimates.
 
@@ -174,7 +154,8 @@ def this_cpu(threads: int | None = None) -> DeviceProfile:
     Power and bandwidth are per-core estimates (CPU_WATTS_PER_CORE, CPU_BANDWIDTH_PER_CORE).
     """
     cores = threads or torch.get_num_threads() or os.cpu_count() or 1
-    flags, mhz, model = _cpu_flags()
+    cpu = cpu_info()
+    flags, mhz, model = cpu.flags, cpu.mhz, cpu.model
     ghz = (mhz or 2500.0) / 1000
     if "avx512f" in flags:
         per_cycle = 64
@@ -182,7 +163,7 @@ def this_cpu(threads: int | None = None) -> DeviceProfile:
         per_cycle = 32
     else:
         per_cycle = 8
-    int8 = 4 if flags & {"avx512_vnni", "avx_vnni", "amx_int8"} else 2
+    int8 = 4 if cpu.vnni or cpu.has("amx") else 2
     peak = cores * ghz * 1e9 * per_cycle
     return DeviceProfile(
         name="cpu", max_power_w=cores * CPU_WATTS_PER_CORE, peak_flops=peak,
@@ -274,12 +255,12 @@ def graph_work(gm: fx.GraphModule, layers: Iterable[str] | None = None) -> Graph
     reads its inputs and writes its output once at one byte per element (an int8 pipeline).
     """
     shapes = _shapes(gm)
-    tagged = {n.meta["hyfx"]["name"]: n for n in gm.graph.nodes if "hyfx" in n.meta}
-    wanted = set(layers) if layers is not None else {k for k, n in tagged.items() if n.meta["hyfx"]["kind"] in QUANTIZABLE}
+    tagged = {n.meta[TAGS]["name"]: n for n in gm.graph.nodes if TAGS in n.meta}
+    wanted = set(layers) if layers is not None else {k for k, n in tagged.items() if n.meta[TAGS]["kind"] in QUANTIZABLE}
     unknown = sorted(wanted - set(tagged))
     if unknown:
         raise HyfxError(f"no layer named {unknown[0]!r} in this graph: run `hyfx inspect` to list layer names")
-    odd = sorted(k for k in wanted if tagged[k].meta["hyfx"]["kind"] not in QUANTIZABLE)
+    odd = sorted(k for k in wanted if tagged[k].meta[TAGS]["kind"] not in QUANTIZABLE)
     if odd:
         raise HyfxError(f"layer {odd[0]!r} is a {tagged[odd[0]].meta['hyfx']['kind']}: only conv, linear and matmul "
                         "layers take bit-widths")
@@ -287,7 +268,7 @@ def graph_work(gm: fx.GraphModule, layers: Iterable[str] | None = None) -> Graph
     searched_weights: set[str] = set()
     other = 0.0
     for node in gm.graph.nodes:
-        info = node.meta.get("hyfx")
+        info = node.meta.get(TAGS)
         if info is None or node.name not in shapes:
             continue
         name, kind = info["name"], info["kind"]
@@ -396,18 +377,6 @@ class MeasuredLatency:
             assignment[layer] = config
             self._cache[key] = self.timer(assignment) - self.fixed_latency()
         return self._cache[key]
-
-
-def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
-    """Median wall time of `fn()` over `repeats` runs after `warmup` untimed runs, in seconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------------- bytes, measured

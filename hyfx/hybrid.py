@@ -22,8 +22,8 @@ from timm.models.mobilevit import MobileVitBlock
 from timm.models.vision_transformer import Attention, Block
 from torch import nn
 
+from hyfx.checkpoint import check_state_dict, read_state_dict
 from hyfx.errors import HyfxError
-from hyfx.zoo import check_state_dict, read_state_dict
 
 HYBRID_ARCH = "tf_efficientnet_lite0+mobilevit"
 

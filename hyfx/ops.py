@@ -13,6 +13,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
+from hyfx.meta import EXAMPLE_SHAPE
+
 aten = torch.ops.aten
 
 CONV = "conv"
@@ -162,7 +164,7 @@ def module_stack(node: fx.Node) -> list[tuple[str, str]]:
 
 
 def example_shape(gm: fx.GraphModule) -> tuple[int, ...] | None:
-    return gm.meta.get("hyfx_example_shape")
+    return gm.meta.get(EXAMPLE_SHAPE)
 
 
 def annotate_shapes(gm: fx.GraphModule) -> fx.GraphModule:

@@ -8,6 +8,7 @@ import networkx as nx
 
 from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph
+from hyfx.meta import TAGS
 
 KIND_COLUMNS = ("conv", "linear", "matmul", "softmax", "norm", "act", "reshape")
 KIND_COLOURS = {"cnn": "#9ecae1", "transformer": "#fdae6b", "other": "#d9d9d9"}
@@ -40,10 +41,10 @@ def block_graph(hg: HybridGraph) -> nx.DiGraph:
     for block in hg.blocks:
         graph.add_node(block.name or "(root)", kind=block.kind, bridge=block.bridge)
     for node in hg.nodes():
-        dst = node.meta["hyfx"]["block"] or "(root)"
+        dst = node.meta[TAGS]["block"] or "(root)"
         for src in node.all_input_nodes:
-            if "hyfx" in src.meta:
-                src_block = src.meta["hyfx"]["block"] or "(root)"
+            if TAGS in src.meta:
+                src_block = src.meta[TAGS]["block"] or "(root)"
                 if src_block != dst:
                     graph.add_edge(src_block, dst)
     return graph

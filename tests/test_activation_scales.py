@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import hyfx
 from hyfx.quant.spec import QuantSpec
-from hyfx.recipes.activation_scales import learn_activation_scales
+from hyfx.refine.activation_scales import learn_activation_scales
 
 
 def _kl(hg, plan, x: torch.Tensor) -> float:

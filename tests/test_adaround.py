@@ -11,7 +11,7 @@ from hyfx.backends import ort as hort
 from hyfx.quant.quantizers import calibrate_weight, fake_quant
 from hyfx.quant.rounding import decode_offsets, encode_offsets, flip_offsets, offsets_from_codes, rounded_weight
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
-from hyfx.recipes.adaround import adaround, learn_rounding
+from hyfx.refine.adaround import adaround, learn_rounding
 
 
 def _spec(weight: torch.Tensor, bits: int = 3, scheme: str = "symmetric") -> QuantSpec:

@@ -15,6 +15,7 @@ from hyfx import zoo
 from hyfx.backends import onnx_qdq
 from hyfx.backends import ort as hort
 from hyfx.backends import tensorrt as htrt
+from hyfx.cpu import cpu_info
 from hyfx.data import data_config, example_input, make_loader, split
 from hyfx.ops import is_depthwise
 from hyfx.quant.quantizers import fake_quant
@@ -252,7 +253,7 @@ def test_cpu_int8_lowering_runs_int8_kernels(tiny):
     plan = hyfx.recipes.minmax(gm, calib, progress=False)
     result = hort.compile_cpu(gm, plan, calib, thresholds=(0.0, 5.0), runs=3)
     info = result.info
-    assert info.weight_bits == (8 if hort.cpu_has_vnni() else 7)
+    assert info.weight_bits == (8 if cpu_info().vnni else 7)
     assert [t["threshold"] for t in info.tuning] == [0.0, 5.0] and info.threshold in (0.0, 5.0)
     if info.threshold == 0.0:
         assert set(info.int8_layers) == set(plan.layers) and "act.sigmoid" in " ".join(info.int8_ops)
@@ -406,7 +407,7 @@ def test_cpu_weight_bits_match_what_the_int8_kernels_run_exactly():
     and uint8 (u8u8) weights are exact with 8-bit weights; a 1x1 conv's u8s8 GEMM saturates without VNNI."""
     assert _int8_conv_error(groups=8, channels=8, kernel=3, out_scale=1200) == 0  # depthwise: 32-bit sums
     assert _int8_conv_error(groups=1, channels=4, kernel=1, out_scale=600, uint8_weights=True) == 0
-    if not hort.cpu_has_vnni():
+    if not cpu_info().vnni:
         assert _int8_conv_error(groups=1, channels=4, kernel=1, out_scale=600) > 600  # VPMADDUBSW saturates
     assert hort.cpu_weight_bits(depthwise=True) == 8
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),

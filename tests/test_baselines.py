@@ -13,7 +13,7 @@ from hyfx.quant.observers import spec_from_range
 from hyfx.quant.quantizers import fake_quant, twin_fake_quant, twin_uniform, uniform_params
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
 from hyfx.recipes.ptq4vit import twin_softmax_candidates
-from hyfx.recipes.search import CosineObjective, UniformCandidates, grid, search_side
+from hyfx.search.candidates import CosineObjective, UniformCandidates, grid, search_side
 
 # --------------------------------------------------------------------------------------------- twin uniform
 

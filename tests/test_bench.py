@@ -8,8 +8,8 @@ import math
 import pytest
 
 from hyfx import cli
-from hyfx.bench import Variant, bench_model, variants
-from hyfx.bench_report import PAPER_TABLES, load_paper_tables, render
+from hyfx.pipelines.bench import Variant, bench_model, variants
+from hyfx.pipelines.bench_report import PAPER_TABLES, load_paper_tables, render
 
 
 def _row(top1: float, fp32: float, table: str, agreement: float | None = 95.0) -> dict:

@@ -14,7 +14,7 @@ from hyfx.evaluate import compare
 from hyfx.quant.calibrate import collect
 from hyfx.quant.quantizers import calibrate_weight, fake_quant
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
-from hyfx.recipes.bias_correction import correct_bias
+from hyfx.refine.bias_correction import correct_bias
 
 
 def _weights_only(hg, bits: int = 3) -> QuantPlan:
@@ -109,7 +109,7 @@ def test_cpu_lowering_measures_the_correction_again_for_its_own_weights(conv_hea
 
 
 def test_bench_recipe_names_with_bc_get_bias_correction(conv_head):
-    from hyfx.bench import _ort_plan
+    from hyfx.pipelines.bench import _ort_plan
 
     _, hg, calib = conv_head
     assert _ort_plan(hg, "minmax+bc", calib).layers["conv"].bias_correction is not None

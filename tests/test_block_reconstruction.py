@@ -8,9 +8,9 @@ from test_qhyvit import TinyHybrid
 
 import hyfx
 from hyfx.passes.insert_quant import insert_quant
-from hyfx.recipes.activation_scales import learnable_activations
-from hyfx.recipes.adaround import unrounded
-from hyfx.recipes.block_reconstruction import (
+from hyfx.refine.activation_scales import learnable_activations
+from hyfx.refine.adaround import unrounded
+from hyfx.refine.block_reconstruction import (
     _block_of,
     _learnable_weights,
     _Stream,
@@ -123,7 +123,7 @@ def test_bad_settings_are_refused(hybrid):
     with pytest.raises(hyfx.HyfxError, match="drop probability"):
         reconstruct_blocks(hg, plan, images, drop=1.0, progress=False)
     with pytest.raises(hyfx.HyfxError, match="ask for one of them"):
-        hyfx.recipes.make_plan("minmax", hg, images, rounding_iters=5, block_iters=5, progress=False)
+        hyfx.make_plan("minmax", hg, images, rounding_iters=5, block_iters=5, progress=False)
     empty = hyfx.recipes.minmax(hg, images, progress=False)
     for policy in empty.layers.values():
         policy.inputs, policy.weight, policy.output = {}, None, None

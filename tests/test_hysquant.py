@@ -15,10 +15,10 @@ from hyfx.data import data_config, example_input, make_loader, split
 from hyfx.errors import HyfxError
 from hyfx.evaluate import kl_divergence
 from hyfx.hardware import PROFILES, BitConfig, model_bytes
-from hyfx.recipes.hysquant import Budget, fit_drop_per_kl, linear_drop, predicted_drop, run_hysquant, search
-from hyfx.recipes.ilp import Constraint, Infeasible, solve
-from hyfx.recipes.pareto import pareto_front
-from hyfx.recipes.sensitivity import Entry, SensitivityTable, build_table, collapse_pruning
+from hyfx.mixed.engine import Budget, fit_drop_per_kl, linear_drop, predicted_drop, run_hysquant, search
+from hyfx.mixed.ilp import Constraint, Infeasible, solve
+from hyfx.mixed.pareto import pareto_front
+from hyfx.mixed.sensitivity import Entry, SensitivityTable, build_table, collapse_pruning
 
 W4, W8 = BitConfig(4, 8), BitConfig(8, 8)
 REAL = "lite0-vit-real"
@@ -160,7 +160,7 @@ def test_accuracy_model_is_linear_when_small_and_saturates():
 
 
 def test_reprice_swaps_latency_and_energy_only():
-    from hyfx.recipes.sensitivity import reprice
+    from hyfx.mixed.sensitivity import reprice
 
     class Halves:
         source = "roofline:fake"
@@ -260,7 +260,7 @@ def test_real_weight_search_meets_a_bytes_budget_after_quantization(lite0, tmp_p
     assert meta["status"] == "met" and meta["iterations"][-1]["measured"]["bytes"] == measured
     assert meta["iterations"][-1]["measured"]["n_val"] == 4 and lines[0].startswith("reference (all W8A8)")
     # the registered recipe (calibration images only: KL and bytes) gives a plan under its budget too
-    recipe_plan = hyfx.recipes.RECIPES["hysquant"](hg, loaders["calib"], budgets=["bytes=0.8x"], table=table,
+    recipe_plan = hyfx.recipes.get("hysquant")(hg, loaders["calib"], budgets=["bytes=0.8x"], table=table,
                                                   policies=policies, progress=False)
     assert model_bytes(hyfx.quantize(hg, recipe_plan)) <= 0.8 * reference
 

@@ -18,10 +18,10 @@ from hyfx.ops import is_depthwise
 from hyfx.quant.quantizers import fake_quant
 from hyfx.quant.spec import QuantSpec
 from hyfx.quant.targets import check_plan_target, cpu_weight_bits, exact_weight_layers, target_rules
-from hyfx.recipes.problems import Chain, ChainProblem, ConvLinearProblem, RowsProblem, Side, chain_nodes, uniform_spec
-from hyfx.recipes.reconstruct import _kind
-from hyfx.recipes.sampling import Request, sample_layers
-from hyfx.recipes.search import HessianObjective, UniformCandidates, grid, search_side
+from hyfx.search.candidates import HessianObjective, UniformCandidates, grid, search_side
+from hyfx.search.layerwise import _kind
+from hyfx.search.problems import Chain, ChainProblem, ConvLinearProblem, RowsProblem, Side, chain_nodes, uniform_spec
+from hyfx.search.sampling import Request, sample_layers
 
 # --------------------------------------------------------------------------------------------- the objective
 
@@ -156,7 +156,7 @@ def test_depthwise_activation_is_scored_on_a_subset_of_groups(monkeypatch):
     data = sample_layers(hg.gm, [Request("0", hg.node("0"), "conv")], images, samples=64, hessian=False,
                          progress=False)
     problem = ConvLinearProblem("0", hg.node("0"), hg.gm, data["0"])
-    monkeypatch.setattr("hyfx.recipes.problems.GROUP_SUBSET_ELEMENTS", 64 * 25 * 4)
+    monkeypatch.setattr("hyfx.search.problems.GROUP_SUBSET_ELEMENTS", 64 * 25 * 4)
     view = problem.view("input0")
     assert view.groups == 4 and view.sides["input0"].data.shape == (64, 4 * 25)
     assert problem.view("weight") is problem

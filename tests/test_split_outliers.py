@@ -11,11 +11,12 @@ import torch
 import hyfx
 from hyfx import zoo
 from hyfx.backends import ort as hort
-from hyfx.bench import bench_images
 from hyfx.cli import main
 from hyfx.data import data_config, example_input, make_loader
 from hyfx.evaluate import compare
-from hyfx.passes.split_outliers import META_KEY, outlier_mask, split_weight_outliers
+from hyfx.meta import SPLIT_OUTLIERS as META_KEY
+from hyfx.passes.split_outliers import outlier_mask, split_weight_outliers
+from hyfx.pipelines.bench import bench_images
 
 aten = torch.ops.aten
 
@@ -85,7 +86,7 @@ def test_split_plan_quantizes_better_and_every_consumer_applies_the_split(tmp_pa
     x = torch.randn(16, 16, 8, 8)
     plain = hyfx.recipes.minmax(gm, calib, w_bits=6, a_bits=8, progress=False)
     hg = hyfx.analyze(gm, split_outliers=16.0)
-    plan = hyfx.recipes.make_plan("minmax", hg, calib, w_bits=6, a_bits=8, progress=False)
+    plan = hyfx.make_plan("minmax", hg, calib, w_bits=6, a_bits=8, progress=False)
     assert plan.meta["split_outliers"] == 16.0 and "conv.outliers" in plan.layers
     reference = gm(x)
     err_plain = (hyfx.quantize(gm, plain)(x) - reference).pow(2).mean()
@@ -114,7 +115,7 @@ def test_split_cuts_the_w6_error_of_the_real_hybrid(sample_images):
     hg = hyfx.analyze(gm, split_outliers=16.0)
     assert sorted(hg.gm.meta[META_KEY]["layers"]) == ["blocks.4.2.conv_fusion.conv", "blocks.5.3.conv_fusion.conv"]
     plans = {"plain": hyfx.recipes.minmax(gm, loader, w_bits=6, progress=False),
-             "split": hyfx.recipes.make_plan("minmax", hg, loader, w_bits=6, progress=False)}
+             "split": hyfx.make_plan("minmax", hg, loader, w_bits=6, progress=False)}
     for plan in plans.values():  # only the fusion convs' weights quantized
         plan.layers = {k: v for k, v in plan.layers.items() if ".conv_fusion." in k}
         for policy in plan.layers.values():

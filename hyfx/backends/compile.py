@@ -2,15 +2,16 @@
 
 Dynamo hands a backend an FX graph whose parameters and buffers are graph inputs. The backend freezes them
 back into constants (weights are read once, at compile time: this is for inference), captures the frozen
-graph with `hyfx.capture`, builds the recipe's plan on the calibration images (or applies a given plan) and
-returns the quantized GraphModule as the compiled function. Each compiled graph, its plan and its quantized
+graph with `hyfx.capture`, asks its plan maker for the plan of that graph (`hyfx.pipelines.compile` makes one
+from a recipe and calibration images, or hands back a given plan) and returns the quantized GraphModule as the
+compiled function. Each compiled graph, its plan and its quantized
 graph are kept on the backend object (`backend.compiled`) for inspection and parity checks.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,10 +19,10 @@ import torch.fx as fx
 
 from hyfx.capture import capture
 from hyfx.errors import HyfxError
-from hyfx.graph import analyze_for
+from hyfx.graph import HybridGraph, analyze_for
+from hyfx.ops import getattr_path
 from hyfx.passes.insert_quant import insert_quant
 from hyfx.quant.spec import QuantPlan
-from hyfx.recipes import get_recipe
 
 _STATE = re.compile(r"\._(parameters|buffers)\[")
 
@@ -70,7 +71,7 @@ def freeze(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, li
         if node.op == "placeholder":
             continue
         if node.op == "get_attr":
-            value = _attr(gm, node.target)
+            value = getattr_path(gm, node.target)
             name = "_const_" + node.target.replace(".", "_")
             frozen.register_buffer(name, value.detach().clone() if isinstance(value, torch.Tensor) else value)
             env[node] = graph.get_attr(name)
@@ -88,13 +89,6 @@ def freeze(gm: fx.GraphModule, example_inputs: list) -> tuple[fx.GraphModule, li
     return frozen.eval(), inputs
 
 
-def _attr(module: torch.nn.Module, target: str):
-    obj = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 class _Single(torch.nn.Module):
     """The frozen graph as a one-input module (what hyfx.capture takes)."""
 
@@ -106,18 +100,17 @@ class _Single(torch.nn.Module):
         return self.gm(x)
 
 
-class HyfxBackend:
-    """The torch.compile backend; make one with `hyfx.backend(...)`."""
+PlanMaker = Callable[[HybridGraph, list], QuantPlan]  # (analysed graph, the traced example batch) → plan
 
-    def __init__(self, recipe: str = "minmax", calib: Iterable | None = None, plan: QuantPlan | None = None,
-                 **recipe_options):
-        self.recipe = recipe
-        self.calib = calib
+
+class HyfxBackend:
+    """The torch.compile backend; make one with `hyfx.backend(...)`. `plan_for` makes the plan of each graph dynamo
+    hands over; `plan` (when given) is the plan the graph is analysed for (its recorded outlier split)."""
+
+    def __init__(self, plan_for: PlanMaker, plan: QuantPlan | None = None):
+        self.plan_for = plan_for
         self.plan = plan
-        self.recipe_options = {"progress": False, **recipe_options}
         self.compiled: list[Compiled] = []
-        if plan is None:
-            get_recipe(recipe)  # an unknown recipe fails at backend creation, not inside dynamo
 
     def __call__(self, gm: fx.GraphModule, example_inputs: list) -> Callable:
         frozen, inputs = freeze(gm, list(example_inputs))
@@ -127,8 +120,7 @@ class HyfxBackend:
         example = example_inputs[index]
         captured = capture(_Single(frozen), example)
         hg = analyze_for(captured, self.plan)
-        calib = self.calib if self.calib is not None else [example]
-        plan = self.plan if self.plan is not None else get_recipe(self.recipe)(hg, calib, **self.recipe_options)
+        plan = self.plan_for(hg, [example])
         quantized = insert_quant(hg.gm, plan)
         self.compiled.append(Compiled(captured, plan, quantized, index))
 
@@ -138,13 +130,3 @@ class HyfxBackend:
             return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
         return run
-
-
-def backend(recipe: str = "minmax", calib: Iterable | None = None, plan: QuantPlan | None = None,
-            **recipe_options) -> HyfxBackend:
-    """A torch.compile backend that runs the model quantized by `recipe` (calibrated on `calib`) or by `plan`.
-
-    `calib` is a loader of (images, labels) or of image batches; without it the example batch dynamo traced
-    with is the calibration set (enough to run, too little for good ranges).
-    """
-    return HyfxBackend(recipe, calib, plan, **recipe_options)

@@ -32,6 +32,7 @@ from hyfx.backends.onnx_graph import drop_unused_initializers
 from hyfx.backends.onnx_layout import fast_transposes
 from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph, analyze_for
+from hyfx.meta import BN_FACTORS, EXAMPLE_SHAPE, TAGS
 from hyfx.ops import batchnorm_factor, getattr_path
 from hyfx.passes.insert_quant import insert_quant
 from hyfx.quant.quantizers import dequantize_log2, qd
@@ -167,17 +168,17 @@ def fold_batchnorm(gm: fx.GraphModule, keep: set[str] = frozenset()) -> tuple[fx
 
     Returns the new graph and the layer names of the convolutions whose weights changed. BN nodes whose
     layer name is in `keep` (a plan quantizes them) stay. The per-output-channel factor each folded weight
-    was multiplied by is kept in `gm.meta["hyfx_bn_factors"]` (layer → tensor), for `folded_plan`.
+    was multiplied by is kept in `gm.meta[BN_FACTORS]` (layer → tensor), for `folded_plan`.
     """
     gm = copy.deepcopy(gm)
     folded = []
-    factors: dict[str, torch.Tensor] = gm.meta.setdefault("hyfx_bn_factors", {})
+    factors: dict[str, torch.Tensor] = gm.meta.setdefault(BN_FACTORS, {})
     for bn in list(gm.graph.nodes):
         if bn.op != "call_function" or bn.target is not aten.batch_norm.default:
             continue
         conv = bn.args[0]
         if (not isinstance(conv, fx.Node) or not _is_conv(conv) or len(conv.users) != 1 or bn.args[5]
-                or bn.meta.get("hyfx", {}).get("name") in keep):
+                or bn.meta.get(TAGS, {}).get("name") in keep):
             continue
         weight_node = conv.args[1]
         bias_node = conv.args[2] if len(conv.args) > 2 else conv.kwargs.get("bias")
@@ -203,7 +204,7 @@ def fold_batchnorm(gm: fx.GraphModule, keep: set[str] = frozenset()) -> tuple[fx
         conv.kwargs = {k: v for k, v in conv.kwargs.items() if k != "bias"}
         bn.replace_all_uses_with(conv)
         gm.graph.erase_node(bn)
-        folded.append(conv.meta.get("hyfx", {}).get("name", conv.name))
+        folded.append(conv.meta.get(TAGS, {}).get("name", conv.name))
         factors[folded[-1]] = factor.clone()
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
@@ -356,7 +357,7 @@ def marked_graph(qgm: fx.GraphModule) -> tuple[fx.GraphModule, list[QuantPoint]]
     graph = gm.graph
     points: list[QuantPoint] = []
     for node in list(graph.nodes):
-        info = node.meta.get("hyfx", {})
+        info = node.meta.get(TAGS, {})
         if node.op != "call_function":
             continue
         if node.target is torch.ops.hyfx.log2_fake_quant.default:
@@ -385,7 +386,7 @@ def marked_graph(qgm: fx.GraphModule) -> tuple[fx.GraphModule, list[QuantPoint]]
             continue
         with graph.inserting_after(replaced):
             mark = graph.call_function(torch.ops.hyfx.onnx_mark.default, (src, len(points)))
-        mark.meta["hyfx"] = dict(info)
+        mark.meta[TAGS] = dict(info)
         if "val" in replaced.meta:
             mark.meta["val"] = replaced.meta["val"]
         replaced.replace_all_uses_with(mark)
@@ -786,7 +787,7 @@ def prepare(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, fold_bn: bool = T
     graph, folded = hg.gm, []
     if fold_bn:
         graph, folded = fold_batchnorm(hg.gm, keep=set(plan.layers))
-    applied, redone = folded_plan(plan, folded, graph.meta.get("hyfx_bn_factors"))
+    applied, redone = folded_plan(plan, folded, graph.meta.get(BN_FACTORS))
     return insert_quant(graph, applied), applied, folded, redone
 
 
@@ -805,7 +806,7 @@ def export(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, path: str | Path |
         plan = symmetric_plan(plan)
     check_plan(plan, target)
     hg = analyze_for(gm, plan)
-    shape = hg.gm.meta.get("hyfx_example_shape")
+    shape = hg.gm.meta.get(EXAMPLE_SHAPE)
     if shape is None:
         raise HyfxError("graph has no recorded example input shape: capture the model with hyfx.capture")
     reference, applied, folded, redone = prepare(hg, plan, fold_bn)

@@ -27,10 +27,10 @@ The int8 lowering (`cpu_plan`, `compile_cpu`) turns a recipe's plan into a model
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -40,16 +40,18 @@ import torch
 import torch.fx as fx
 from onnx import TensorProto, helper, numpy_helper
 
+from hyfx.cpu import cpu_info
 from hyfx.evaluate import Predictions, accuracy
 from hyfx.graph import HybridGraph, analyze, analyze_for
+from hyfx.meta import BN_FACTORS, EXAMPLE_SHAPE, TAGS
 from hyfx.ops import CONV, LINEAR, MATMUL, getattr_path, is_depthwise, node_shape
-from hyfx.quant.calibrate import batches
+from hyfx.quant.calibrate import batches, calibrate_activations
 from hyfx.quant.quantizers import calibrate_weight
 from hyfx.quant.rounding import flip_offsets
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
-from hyfx.quant.targets import cpu_has_vnni, cpu_weight_bits, exact_weight_layers
-from hyfx.recipes.bias_correction import correct_bias
-from hyfx.recipes.common import calibrate_activations
+from hyfx.quant.targets import cpu_weight_bits, exact_weight_layers
+from hyfx.refine.bias_correction import correct_bias
+from hyfx.timing import median, time_interleaved
 
 from . import onnx_qdq
 
@@ -141,26 +143,9 @@ def parity(model: onnx.ModelProto | ort.InferenceSession, reference: torch.nn.Mo
 
 def time_sessions(sessions: dict, inputs: np.ndarray, runs: int = 30, warmup: int = 5,
                   clock=time.perf_counter) -> dict:
-    """Per-run latency (s) of each session, interleaved run by run so background load hits all alike.
-
-    `clock=time.thread_time` measures the CPU time of the calling thread instead: only meaningful for
-    one-thread sessions, but blind to other processes competing for the cores.
-    """
-    feeds = {name: {s.get_inputs()[0].name: inputs} for name, s in sessions.items()}
-    for name, s in sessions.items():
-        for _ in range(warmup):
-            s.run(None, feeds[name])
-    times: dict[str, list[float]] = {name: [] for name in sessions}
-    for _ in range(runs):
-        for name, s in sessions.items():
-            start = clock()
-            s.run(None, feeds[name])
-            times[name].append(clock() - start)
-    return times
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
+    """Per-run latency (s) of each session on `inputs`, interleaved run by run (`hyfx.timing.time_interleaved`)."""
+    calls = {name: partial(s.run, None, {s.get_inputs()[0].name: inputs}) for name, s in sessions.items()}
+    return time_interleaved(calls, runs=runs, warmup=warmup, clock=clock)
 
 
 # ---------------------------------------------------------------------------------------------- latency table
@@ -273,7 +258,7 @@ def layer_latency_table(hg: HybridGraph, layers: Iterable[str], batch: int = 1, 
     qmax = 2 ** (weight_bits - 1) - 1
     for layer in layers:
         node = hg.node(layer)
-        kind = node.meta["hyfx"]["kind"]
+        kind = node.meta[TAGS]["kind"]
         try:
             fp32, int8, feeds, shape = _layer_models(hg.gm, node, kind, batch, qmax)
         except (ValueError, TypeError, IndexError):
@@ -335,10 +320,10 @@ def decompose_silu(gm: fx.GraphModule) -> fx.GraphModule:
         with gm.graph.inserting_before(node):
             sig = gm.graph.call_function(aten.sigmoid.default, (x,))
             mul = gm.graph.call_function(aten.mul.Tensor, (x, sig))
-        info = dict(node.meta.get("hyfx", {}))
+        info = dict(node.meta.get(TAGS, {}))
         for new, name, sub in ((sig, f"{info.get('name', node.name)}.sigmoid", "sigmoid"), (mul, info.get("name"), "silu")):
             new.meta.update({k: v for k, v in node.meta.items() if k in ("nn_module_stack", "val", "tensor_meta")})
-            new.meta["hyfx"] = {**info, "name": name or new.name, "sub": sub, "kind": "act"}
+            new.meta[TAGS] = {**info, "name": name or new.name, "sub": sub, "kind": "act"}
         node.replace_all_uses_with(mul)
         gm.graph.erase_node(node)
     gm.graph.lint()
@@ -354,7 +339,7 @@ def cpu_graph(gm: fx.GraphModule | HybridGraph) -> HybridGraph:
 
 
 def _is_pass_through(node: fx.Node) -> bool:
-    return node.op == "call_function" and (node.meta.get("hyfx", {}).get("kind") == "reshape" or node.target in _PASS_THROUGH)
+    return node.op == "call_function" and (node.meta.get(TAGS, {}).get("kind") == "reshape" or node.target in _PASS_THROUGH)
 
 
 def _source(node: fx.Node) -> fx.Node:
@@ -403,7 +388,7 @@ def _region_plan(hg: HybridGraph, plan: QuantPlan, layers: Iterable[str], weight
     exact = set(exact)
     int8: dict[fx.Node, str] = {hg.node(layer): "layer" for layer in layers}
     _grow_int8(hg, int8)
-    factors = hg.gm.meta.get("hyfx_bn_factors", {})
+    factors = hg.gm.meta.get(BN_FACTORS, {})
     recipe_specs: dict[fx.Node, QuantSpec] = {}  # source tensor → the recipe's calibrated range for it
     for layer, policy in plan.layers.items():
         node = hg.node(layer)
@@ -414,10 +399,10 @@ def _region_plan(hg: HybridGraph, plan: QuantPlan, layers: Iterable[str], weight
     out = QuantPlan(recipe=f"{plan.recipe}+ort", model=plan.model, target="ort",
                     meta={**plan.meta, "ort": {"weight_bits": weight_bits}})
     for node, role in int8.items():
-        name = node.meta["hyfx"]["name"]
+        name = node.meta[TAGS]["name"]
         known = specs.layers.get(name) if specs is not None else None
         policy = LayerPolicy()
-        if role == "layer" and node.meta["hyfx"]["kind"] in (CONV, LINEAR):
+        if role == "layer" and node.meta[TAGS]["kind"] in (CONV, LINEAR):
             depthwise = depthwise_bits is not None and is_depthwise(node, hg.gm)
             recipe = plan.layers[name]
             if known and known.weight:
@@ -437,7 +422,7 @@ def _region_plan(hg: HybridGraph, plan: QuantPlan, layers: Iterable[str], weight
         if _needs_output(node, role, int8):
             if known:
                 policy.output = known.output
-            elif node.meta["hyfx"].get("sub") == "sigmoid":
+            elif node.meta[TAGS].get("sub") == "sigmoid":
                 policy.output = activation.with_params([1 / 255], [0])  # sigmoid ∈ [0, 1]
             else:
                 policy.output = recipe_specs.get(node, activation)
@@ -476,7 +461,7 @@ def cpu_plan(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: It
     out.meta["ort"].update(depthwise_weight_bits=depthwise_bits,
                            uint8_weights=sorted(n for n, p in out.layers.items() if p.weight and p.weight.scheme ==
                                                 "asymmetric"))
-    out = calibrate_activations(hg, out, calib_loader, max_batches=max_batches, progress=progress)
+    out = calibrate_activations(hg.gm, out, calib_loader, max_batches=max_batches, progress=progress)
     _fit_clamp_ranges(out, int8)
     _share_tensor_specs(plan=out, int8=int8)
     for layer, policy in out.layers.items():
@@ -518,7 +503,7 @@ def _grow_int8(hg: HybridGraph, int8: dict[fx.Node, str]) -> None:
     for node in hg.gm.graph.nodes:  # topological order: producers are decided first
         if node.op != "call_function" or node in int8:
             continue
-        info = node.meta.get("hyfx", {})
+        info = node.meta.get(TAGS, {})
         if info.get("sub") == "sigmoid" and fed_by_int8(node):
             int8[node] = "sigmoid"
         elif info.get("sub") == "silu" and node.target is aten.mul.Tensor and fed_by_int8(node):
@@ -538,10 +523,10 @@ def _needs_output(node: fx.Node, role: str, int8: dict[fx.Node, str]) -> bool:
     linear or matmul only when every consumer is int8 (else its kernel writes float, MatMulIntegerToFloat);
     a conv followed only by a ReLU-like op hands its quantizer to that op (ORT folds the clamp)."""
     consumers = [c for c, _ in _consumers(node)]
-    if role == "layer" and node.meta["hyfx"]["kind"] == CONV and consumers and \
+    if role == "layer" and node.meta[TAGS]["kind"] == CONV and consumers and \
             all(int8.get(c) == "act" for c in consumers):
         return False
-    if role == "layer" and node.meta["hyfx"]["kind"] in (LINEAR, MATMUL):
+    if role == "layer" and node.meta[TAGS]["kind"] in (LINEAR, MATMUL):
         return bool(consumers) and all(c in int8 for c in consumers)
     return True
 
@@ -575,7 +560,7 @@ def _fit_clamp_ranges(plan: QuantPlan, int8: dict[fx.Node, str]) -> None:
     quantizer is the same or finer, so nothing representable is lost.
     """
     for node, role in int8.items():
-        policy = plan.layers.get(node.meta["hyfx"]["name"])
+        policy = plan.layers.get(node.meta[TAGS]["name"])
         if role != "act" or policy is None or policy.output is None or not policy.output.calibrated:
             continue
         spec = policy.output
@@ -599,13 +584,13 @@ def _fit_clamp_ranges(plan: QuantPlan, int8: dict[fx.Node, str]) -> None:
 def _share_tensor_specs(plan: QuantPlan, int8: dict[fx.Node, str]) -> None:
     """Give every quantizer of one tensor the same parameters: its producer's output spec when it has one."""
     for node in int8:
-        name = node.meta["hyfx"]["name"]
+        name = node.meta[TAGS]["name"]
         policy = plan.layers.get(name)
         if policy is None:
             continue
         for idx in list(policy.inputs):
             src = _source(node.args[idx])
-            src_policy = plan.layers.get(src.meta.get("hyfx", {}).get("name", ""))
+            src_policy = plan.layers.get(src.meta.get(TAGS, {}).get("name", ""))
             if src in int8 and src_policy is not None and src_policy.output is not None:
                 policy.inputs[idx] = src_policy.output
 
@@ -675,7 +660,7 @@ def compile_cpu(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader:
     candidates = _candidates(hg, plan)
     table = layer_latency_table(hg, candidates, batch=batch, weight_bits=bits)
     exported = onnx_qdq.export(hg, full, None, target="ort", log2_mode=log2_mode)
-    info = CpuPlanInfo(bits, cpu_has_vnni(), latency={k: {**asdict(v), "speedup": round(v.speedup, 3)}
+    info = CpuPlanInfo(bits, cpu_info().vnni, latency={k: {**asdict(v), "speedup": round(v.speedup, 3)}
                                                        for k, v in table.items()})
     variants: dict[float, tuple[QuantPlan, onnx.ModelProto, list[str]]] = {}
     seen: set[frozenset] = set()
@@ -688,7 +673,7 @@ def compile_cpu(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader:
         keep = {(layer, role) for layer, role, _ in vplan.specs()}
         model = onnx_qdq.lower_subset(exported, keep)
         variants[t] = (vplan, model, chosen)
-    shape = hg.gm.meta["hyfx_example_shape"]
+    shape = hg.gm.meta[EXAMPLE_SHAPE]
     inputs = np.random.default_rng(0).standard_normal((batch, *shape[1:])).astype(np.float32)
     sessions = {t: session(model, threads=1) for t, (_, model, _) in variants.items()}
     timings = time_sessions(sessions, inputs, runs=runs, warmup=2, clock=time.thread_time)
@@ -701,7 +686,7 @@ def compile_cpu(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader:
     info.uint8_weight_layers = [layer for layer in full.meta["ort"]["uint8_weights"] if layer in chosen]
     info.fp32_layers = [layer for layer in candidates if layer not in chosen]
     _, int8 = _region_plan(hg, plan, chosen, bits, specs=full)
-    info.int8_ops = sorted(n.meta["hyfx"]["name"] for n, role in int8.items() if role != "layer")
+    info.int8_ops = sorted(n.meta[TAGS]["name"] for n, role in int8.items() if role != "layer")
     if any(full.layers[layer].bias_correction is not None or full.layers[layer].weight_rounding is not None
            for layer in info.fp32_layers if layer in full.layers):  # baked into constants lower_subset cannot drop
         model = onnx_qdq.export(hg, vplan, None, target="ort", log2_mode=log2_mode).model  # FP32 layers: own weights
@@ -721,7 +706,7 @@ def compile_cpu(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader:
 def fp32_model(gm: fx.GraphModule | HybridGraph) -> onnx.ModelProto:
     """The FP32 ONNX model of a captured graph (BN folded by the exporter), dynamic batch."""
     hg = gm if isinstance(gm, HybridGraph) else analyze(gm)
-    shape = hg.gm.meta["hyfx_example_shape"]
+    shape = hg.gm.meta[EXAMPLE_SHAPE]
     graph = copy.deepcopy(hg.gm)
     return onnx_qdq.export_graph(graph, torch.randn(max(2, shape[0]), *shape[1:]))
 

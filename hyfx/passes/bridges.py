@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
+from hyfx.meta import TAGS
 from hyfx.ops import CONV, QUANT, RESHAPE, ancestors, descendants
 
 _PASS_THROUGH = ("act", "other", RESHAPE, QUANT)
@@ -32,7 +33,7 @@ class Bridge:
 
 
 def _info(node: fx.Node) -> dict | None:
-    return node.meta.get("hyfx")
+    return node.meta.get(TAGS)
 
 
 def _nearest_compute_inputs(node: fx.Node) -> list[fx.Node]:

@@ -65,7 +65,6 @@ def _decompose_one(graph: fx.Graph, node: fx.Node) -> None:
     new = first_new.next
     while new is not node:
         new.meta["nn_module_stack"] = copy.copy(node.meta.get("nn_module_stack", {}))
-        new.meta["hyfx_from_sdpa"] = node.name
         new = new.next
     node.replace_all_uses_with(out)
     graph.erase_node(node)

@@ -16,13 +16,12 @@ import torch
 import torch.fx as fx
 
 from hyfx.errors import HyfxError
+from hyfx.meta import SPLIT_OUTLIERS as SPLIT_META
+from hyfx.meta import TAGS
 from hyfx.ops import QUANT, getattr_path, weight_arg
-from hyfx.passes.split_outliers import META_KEY as SPLIT_META
 from hyfx.quant.quantizers import calibrate_weight, qd
 from hyfx.quant.rounding import decode_offsets, rounded_weight
 from hyfx.quant.spec import QuantPlan, QuantSpec
-
-PLAN_META = "hyfx_plan"
 
 
 def _dtype(spec: QuantSpec) -> torch.dtype:
@@ -31,10 +30,10 @@ def _dtype(spec: QuantSpec) -> torch.dtype:
 
 def _tag(node: fx.Node, layer: str, role: str, spec: QuantSpec, like: fx.Node) -> None:
     node.meta["nn_module_stack"] = copy.copy(like.meta.get("nn_module_stack", {}))
-    info = dict(like.meta.get("hyfx", {}))
+    info = dict(like.meta.get(TAGS, {}))
     info.update(kind=QUANT, sub=spec.kind, name=f"{layer}.{role}_q", quantizes=layer, role=role,
                 spec=spec.short(), token_op=False)
-    node.meta["hyfx"] = info
+    node.meta[TAGS] = info
 
 
 def _single_op_quantizer(spec: QuantSpec) -> tuple | None:
@@ -129,7 +128,7 @@ def _require_calibrated(spec: QuantSpec, layer: str, role: str) -> None:
 def insert_quant(gm: fx.GraphModule, plan: QuantPlan) -> fx.GraphModule:
     """Return a copy of a tagged graph (`hyfx.analyze(...).gm`) with the plan's quantizers inserted."""
     gm = copy.deepcopy(gm)
-    index = {n.meta["hyfx"]["name"]: n for n in gm.graph.nodes if "hyfx" in n.meta}
+    index = {n.meta[TAGS]["name"]: n for n in gm.graph.nodes if TAGS in n.meta}
     missing = sorted(set(plan.layers) - set(index))
     split = plan.meta.get("split_outliers")
     if missing and SPLIT_META not in gm.meta and (split is not None or any(m.endswith(".outliers") for m in missing)):
@@ -171,13 +170,12 @@ def insert_quant(gm: fx.GraphModule, plan: QuantPlan) -> fx.GraphModule:
                 user.replace_input_with(node, out)
     gm.graph.lint()
     gm.recompile()
-    gm.meta[PLAN_META] = plan
     return gm
 
 
 def resolved_weight_specs(gm: fx.GraphModule, plan: QuantPlan) -> dict[str, QuantSpec]:
     """The weight specs with min-max parameters filled in, as insert_quant applies them."""
-    index = {n.meta["hyfx"]["name"]: n for n in gm.graph.nodes if "hyfx" in n.meta}
+    index = {n.meta[TAGS]["name"]: n for n in gm.graph.nodes if TAGS in n.meta}
     out = {}
     for layer, policy in plan.layers.items():
         if policy.weight is not None and layer in index:

@@ -22,10 +22,10 @@ import torch
 import torch.fx as fx
 
 from hyfx.errors import HyfxError
+from hyfx.meta import OUTLIER_FRAME, SPLIT_OUTLIERS
 from hyfx.ops import batchnorm_factor, getattr_path, module_stack, sole_batchnorm, weight_arg
 
 aten = torch.ops.aten
-META_KEY = "hyfx_split_outliers"
 _CONV_DEFAULTS = (None, [1, 1], [0, 0], [1, 1], 1)  # bias, stride, padding, dilation, groups
 _MIN_ROW = 32  # a row's spread is measured robustly; depthwise rows (9 weights) are too short to tell
 
@@ -93,7 +93,7 @@ def split_weight_outliers(gm: fx.GraphModule, threshold: float = 16.0, min_gain:
     """A copy of a captured graph in which every conv whose outliers (see `outlier_mask`) shrink its rows'
     weight range at least `min_gain`× (median over output channels) runs as conv(W − O) + conv(O).
 
-    `gm.meta["hyfx_split_outliers"]` records the threshold and, per split conv, the outlier count, the
+    `gm.meta[SPLIT_OUTLIERS]` records the threshold and, per split conv, the outlier count, the
     range gain and the outlier conv's kernel; the outputs equal the original graph's (up to float rounding).
     """
     gm = copy.deepcopy(gm)
@@ -127,11 +127,11 @@ def split_weight_outliers(gm: fx.GraphModule, threshold: float = 16.0, min_gain:
         anchor.replace_all_uses_with(total, delete_user_cb=lambda user, total=total: user is not total)
         path = _layer_path(node)
         stack = dict(node.meta.get("nn_module_stack") or {})
-        stack["hyfx_outliers"] = (f"{path}.outliers", "hyfx.passes.split_outliers.OutlierConv")
+        stack[OUTLIER_FRAME] = (f"{path}.outliers", "hyfx.passes.split_outliers.OutlierConv")
         conv.meta.update(nn_module_stack=stack, val=node.meta.get("val"))
         total.meta.update(nn_module_stack=dict(anchor.meta.get("nn_module_stack") or {}), val=anchor.meta.get("val"))
         done[path] = report
     gm.graph.lint()
     gm.recompile()
-    gm.meta[META_KEY] = {"threshold": threshold, "min_gain": min_gain, "layers": done}
+    gm.meta[SPLIT_OUTLIERS] = {"threshold": threshold, "min_gain": min_gain, "layers": done}
     return gm

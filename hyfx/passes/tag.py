@@ -1,6 +1,6 @@
 """Node kinds, user-facing layer names, and CNN / Transformer block classification.
 
-Every call_* node gets `node.meta["hyfx"]` with:
+Every call_* node gets `node.meta[TAGS]` with:
   kind, sub      operation kind (conv, linear, matmul, softmax, norm, act, reshape, quant, other) and detail
   module         the user's module path that produced it (``stages.2.1.conv_kxk.conv``)
   name           a unique, stable layer name in the user's language (module path, plus the op for
@@ -20,6 +20,7 @@ from collections import Counter, defaultdict
 
 import torch.fx as fx
 
+from hyfx.meta import TAGS
 from hyfx.ops import CONV, LINEAR, MATMUL, NORM, RESHAPE, SOFTMAX, module_stack, node_shape, op_kind
 
 COMPUTE_KINDS = (CONV, LINEAR, MATMUL, SOFTMAX, NORM)
@@ -69,7 +70,7 @@ def tag(gm: fx.GraphModule) -> fx.GraphModule:
         kind, sub = op_kind(node, gm)
         stack = module_stack(node)
         module = stack[-1][0] if stack else ""
-        node.meta["hyfx"] = {"kind": kind, "sub": sub, "module": module, "block": block_of(stack),
+        node.meta[TAGS] = {"kind": kind, "sub": sub, "module": module, "block": block_of(stack),
                              "token_op": _is_token_op(node, kind, sub)}
         per_module[module].append(node)
     _assign_names(per_module)
@@ -80,12 +81,12 @@ def tag(gm: fx.GraphModule) -> fx.GraphModule:
 def _assign_names(per_module: dict[str, list[fx.Node]]) -> None:
     taken: set[str] = set()
     for module, members in per_module.items():
-        compute = [n for n in members if n.meta["hyfx"]["kind"] in COMPUTE_KINDS]
-        single_weighted = len(compute) == 1 and compute[0].meta["hyfx"]["kind"] in (CONV, LINEAR, NORM)
-        kind_totals = Counter(n.meta["hyfx"]["kind"] if n.meta["hyfx"]["kind"] != "other" else n.name for n in members)
+        compute = [n for n in members if n.meta[TAGS]["kind"] in COMPUTE_KINDS]
+        single_weighted = len(compute) == 1 and compute[0].meta[TAGS]["kind"] in (CONV, LINEAR, NORM)
+        kind_totals = Counter(n.meta[TAGS]["kind"] if n.meta[TAGS]["kind"] != "other" else n.name for n in members)
         seen: Counter = Counter()
         for node in members:
-            info = node.meta["hyfx"]
+            info = node.meta[TAGS]
             if not module:
                 name = node.name
             elif single_weighted and node is compute[0]:
@@ -105,7 +106,7 @@ def _assign_names(per_module: dict[str, list[fx.Node]]) -> None:
 def _classify_blocks(nodes: list[fx.Node]) -> None:
     has: dict[str, set[str]] = defaultdict(set)
     for node in nodes:
-        info = node.meta["hyfx"]
+        info = node.meta[TAGS]
         if info["token_op"]:
             has[info["block"]].add("token")
         if info["kind"] == SOFTMAX:
@@ -113,7 +114,7 @@ def _classify_blocks(nodes: list[fx.Node]) -> None:
         if info["kind"] == CONV:
             has[info["block"]].add("conv")
     for node in nodes:
-        info = node.meta["hyfx"]
+        info = node.meta[TAGS]
         found = has[info["block"]]
         if found & {"token", "attention"}:
             info["block_kind"] = "transformer"

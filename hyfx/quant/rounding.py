@@ -1,6 +1,6 @@
 """Learned weight rounding as plan data: per-weight integer offsets from round-to-nearest.
 
-A rounding search (hyfx.recipes.adaround) decides, per weight, to round up or down instead of to nearest. The
+A rounding search (hyfx.refine.adaround) decides, per weight, to round up or down instead of to nearest. The
 plan stores the decision as offsets d ∈ {-1, 0, 1} from round(w / s), int8, zlib-compressed and base64-encoded
 (most offsets are 0), so a plan stays one JSON file that reloads without the calibration images. An offset
 belongs to the weight spec it was learned with, like a bias correction: a pass that changes the spec drops it.

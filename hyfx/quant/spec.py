@@ -116,8 +116,8 @@ class LayerPolicy:
     """Quantization of one layer: its weight, its activation inputs (by argument index), its output.
 
     `bias_correction` (per output channel, added to the layer's bias) undoes the mean output shift that
-    rounding the weight causes (hyfx.recipes.bias_correction); `weight_rounding` (hyfx.quant.rounding) is a
-    learned rounding of the weight (hyfx.recipes.adaround). Both belong to the weight spec they were made with.
+    rounding the weight causes (hyfx.refine.bias_correction); `weight_rounding` (hyfx.quant.rounding) is a
+    learned rounding of the weight (hyfx.refine.adaround). Both belong to the weight spec they were made with.
     """
 
     weight: QuantSpec | None = None

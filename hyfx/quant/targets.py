@@ -11,22 +11,22 @@ anything a QuantSpec can say (2-8 bits, per-channel activations, log2, twin).
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
-from pathlib import Path
 
+from hyfx.cpu import cpu_info
 from hyfx.errors import HyfxError
-from hyfx.graph import HybridGraph
-from hyfx.ops import CONV, LINEAR
 from hyfx.quant.spec import QuantPlan, QuantSpec
 
-TARGETS = ("fake", "ort", "tensorrt")
 GRANULARITIES = ("tensor", "channel")
 SCHEMES = ("symmetric", "asymmetric")
 
 
 @dataclass(frozen=True)
-class TargetRules:
+class Target:
+    """One deployment target: what its kernels run, in one place for the recipes' search, the plan check and the
+    exporters. Register a new one with `register_target`; `lowering` names the function ("module:function") that
+    `hyfx.export` calls for it, None where plans only run as PyTorch fake quantization."""
+
     name: str
     weight_schemes: tuple[str, ...] = SCHEMES
     weight_granularities: tuple[str, ...] = GRANULARITIES
@@ -36,10 +36,17 @@ class TargetRules:
     kinds: tuple[str, ...] = ("uniform", "log2", "twin")
     channel_weight_schemes: tuple[str, ...] = SCHEMES  # per-channel weights
     narrower_weights: bool = False  # weights of fewer than `bits` bits run in the same integer type
+    cpu_weight_bits: bool = False  # the CPU's int8 GEMM limits weight bits (see `cpu_weight_bits`)
+    lowering: str | None = None
+    description: str = ""
 
     def allows_weight(self, granularity: str, scheme: str) -> bool:
         return (granularity in self.weight_granularities and scheme in self.weight_schemes
                 and (granularity != "channel" or scheme in self.channel_weight_schemes))
+
+    def weight_bits(self, bits: int, exact: bool) -> int:
+        """The weight bits a layer of `bits` runs at here; `exact`: a depthwise conv or a layer kept 8-bit."""
+        return min(bits, cpu_weight_bits(exact)) if self.cpu_weight_bits else bits
 
     def violation(self, spec: QuantSpec, role: str) -> str | None:
         """Why `spec` (a weight, or an activation for any other role) cannot run on this target, or None."""
@@ -60,23 +67,36 @@ class TargetRules:
         return None
 
 
-RULES: dict[str, TargetRules] = {
-    "fake": TargetRules("fake"),
-    "ort": TargetRules("ort", act_granularities=("tensor",), bits=8, channel_weight_schemes=("symmetric",),
-                       narrower_weights=True),
-    "tensorrt": TargetRules("tensorrt", weight_schemes=("symmetric",), act_schemes=("symmetric",),
-                            act_granularities=("tensor",), bits=8, kinds=("uniform",)),
-}
+_TARGETS: dict[str, Target] = {}
 
 
-def target_rules(target: str) -> TargetRules:
-    if target not in RULES:
-        raise HyfxError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
-    return RULES[target]
+def register_target(target: Target) -> Target:
+    """Make `target` selectable by name (`--target NAME`, `recipe(target=NAME)`, `hyfx.export(target=NAME)`)."""
+    _TARGETS[target.name] = target
+    return target
+
+
+def get_target(name: str) -> Target:
+    if name not in _TARGETS:
+        raise HyfxError(f"unknown target {name!r}: choose one of {', '.join(available_targets())}")
+    return _TARGETS[name]
+
+
+def available_targets() -> list[str]:
+    return list(_TARGETS)
+
+
+register_target(Target("fake", description="PyTorch fake quantization: anything a QuantSpec can say"))
+register_target(Target("ort", act_granularities=("tensor",), bits=8, channel_weight_schemes=("symmetric",),
+                       narrower_weights=True, cpu_weight_bits=True, lowering="hyfx.backends.onnx_qdq:export",
+                       description="ONNX Runtime int8: per-tensor activations"))
+register_target(Target("tensorrt", weight_schemes=("symmetric",), act_schemes=("symmetric",),
+                       act_granularities=("tensor",), bits=8, kinds=("uniform",),
+                       lowering="hyfx.backends.onnx_qdq:export", description="TensorRT: symmetric int8 only"))
 
 
 def check_bits_for_target(target: str, w_bits: int, a_bits: int) -> None:
-    rules = target_rules(target)
+    rules = get_target(target)
     if rules.bits is not None and (w_bits != rules.bits or a_bits != rules.bits):
         raise HyfxError(f"target {target} runs int{rules.bits} only, not W{w_bits}A{a_bits}: "
                         f"use --bits {rules.bits} or --target fake")
@@ -84,7 +104,7 @@ def check_bits_for_target(target: str, w_bits: int, a_bits: int) -> None:
 
 def check_plan_target(plan: QuantPlan, target: str) -> QuantPlan:
     """Raise a one-line HyfxError at the first spec `target` cannot run; else record the target in the plan."""
-    rules = target_rules(target)
+    rules = get_target(target)
     for layer, role, spec in plan.specs():
         why = rules.violation(spec, role)
         if why is not None:
@@ -94,15 +114,6 @@ def check_plan_target(plan: QuantPlan, target: str) -> QuantPlan:
     return plan
 
 
-def cpu_has_vnni() -> bool:
-    """Whether the CPU has AVX-VNNI / AVX512-VNNI (int8 dot products without 16-bit saturation)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.machine().lower() in ("arm64", "aarch64")  # ARM's int8 dot products do not saturate
-    return "avx512_vnni" in flags or "avx_vnni" in flags
-
-
 def cpu_weight_bits(depthwise: bool = False) -> int:
     """Weight bits ONNX Runtime's u8s8 CPU kernels run exactly here: 8 with VNNI or for a depthwise conv, else 7.
 
@@ -110,17 +121,4 @@ def cpu_weight_bits(depthwise: bool = False) -> int:
     |w| ≤ 63 cannot (255·63·2 < 2^15). Depthwise convolutions run a direct kernel that accumulates in 32 bits
     (measured here: all-127 weights on uint8 inputs ≥ 200 are exact there, a 1x1 conv is off by 18 codes).
     """
-    return 8 if depthwise or cpu_has_vnni() else 7
-
-
-def exact_weight_layers(hg: HybridGraph) -> list[str]:
-    """The layers whose weights stay 8-bit where the CPU's GEMM would need 7: transformer blocks and bridges.
-
-    Measured on lite0-vit-real (468 images, min-max plan): 7-bit weights everywhere cost 3.0 top-1 points
-    against FP32, 8-bit weights on these layers alone bring that to 1.1 (8-bit on the CNN layers or on the
-    linears only: 3.2, 4.0). Without VNNI they run the u8u8 kernels (uint8 weights with zero point 128),
-    which cannot saturate, at some speed.
-    """
-    bridges = hg.bridge_layers()
-    return [layer for layer in hg.layers((CONV, LINEAR))
-            if hg.tags(layer).get("region") == "transformer" or layer in bridges]
+    return 8 if depthwise or cpu_info().vnni else 7

@@ -13,12 +13,14 @@ from collections.abc import Iterable
 
 import torch.fx as fx
 
-from hyfx.graph import HybridGraph
+from hyfx.graph import HybridGraph, analysed
 from hyfx.ops import CONV, LINEAR, SOFTMAX
+from hyfx.quant.calibrate import calibrate_activations
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec, check_bits
-from hyfx.recipes.common import analysed, calibrate_activations
+from hyfx.recipes.registry import register
 
 
+@register("efficientquant")
 def efficientquant(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int = 8, a_bits: int = 8,
                    eps: float = 1e-5, weight_granularity: str = "tensor", transformer_weights: bool = False,
                    max_batches: int | None = None, progress: bool = True) -> QuantPlan:
@@ -42,4 +44,4 @@ def efficientquant(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_b
     softmax = QuantSpec(bits=a_bits, kind="log2", eps=eps, scheme="asymmetric")
     for layer in hg.layers((SOFTMAX,)):
         plan.set(layer, LayerPolicy(output=softmax))
-    return calibrate_activations(hg, plan, calib_loader, max_batches=max_batches, progress=progress)
+    return calibrate_activations(hg.gm, plan, calib_loader, max_batches=max_batches, progress=progress)

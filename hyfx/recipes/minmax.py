@@ -6,12 +6,14 @@ from collections.abc import Iterable
 
 import torch.fx as fx
 
-from hyfx.graph import HybridGraph
+from hyfx.graph import HybridGraph, analysed
 from hyfx.ops import CONV, LINEAR, MATMUL, NORM, SOFTMAX
+from hyfx.quant.calibrate import calibrate_activations
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec, check_bits
-from hyfx.recipes.common import analysed, calibrate_activations
+from hyfx.recipes.registry import register
 
 
+@register("minmax")
 def minmax(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int = 8, a_bits: int = 8,
            weight_granularity: str = "channel", observer: str = "minmax", max_batches: int | None = None,
            full: bool = False, progress: bool = True) -> QuantPlan:
@@ -35,10 +37,11 @@ def minmax(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int
     if full:
         for layer in hg.layers((NORM, SOFTMAX)):
             plan.set(layer, LayerPolicy(inputs={0: act}))
-    return calibrate_activations(hg, plan, calib_loader, observer=observer, max_batches=max_batches,
+    return calibrate_activations(hg.gm, plan, calib_loader, observer=observer, max_batches=max_batches,
                                  progress=progress)
 
 
+@register("percentile")
 def percentile(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int = 8, a_bits: int = 8,
                **options) -> QuantPlan:
     """As minmax, with activation ranges clipped to the 0.01 / 99.99 percentiles."""

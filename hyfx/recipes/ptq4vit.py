@@ -12,18 +12,19 @@ n = 100, a zero factor left out). Two kinds of activation get twin uniform quant
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
 
 from hyfx.graph import HybridGraph
+from hyfx.meta import TAGS
 from hyfx.ops import ACT, CONV, LINEAR, RESHAPE, SOFTMAX
 from hyfx.quant.spec import QuantPlan, QuantSpec
-from hyfx.recipes.problems import Side, uniform_spec
-from hyfx.recipes.reconstruct import prepare_search, run_search
-from hyfx.recipes.search import HessianObjective, TwinCandidates, UniformCandidates
+from hyfx.recipes.registry import register
+from hyfx.search.candidates import HessianObjective, TwinCandidates, UniformCandidates
+from hyfx.search.layerwise import prepare_search, run_search
+from hyfx.search.problems import Side, uniform_spec
 
 SOFTMAX_SPLITS = 20
 GELU_LIKE = ("gelu", "silu")
@@ -31,7 +32,7 @@ GELU_LIKE = ("gelu", "silu")
 
 def _passes_values(node: fx.Node) -> bool:
     """Reshapes and (inference-time) dropout hand their input on unchanged."""
-    return node.meta.get("hyfx", {}).get("kind") == RESHAPE or "dropout" in str(node.target)
+    return node.meta.get(TAGS, {}).get("kind") == RESHAPE or "dropout" in str(node.target)
 
 
 def producer(node: fx.Node, index: int) -> fx.Node | None:
@@ -44,10 +45,10 @@ def producer(node: fx.Node, index: int) -> fx.Node | None:
 
 def _twin_kind(node: fx.Node, index: int) -> str | None:
     src = producer(node, index)
-    info = src.meta.get("hyfx", {}) if src is not None else {}
+    info = src.meta.get(TAGS, {}) if src is not None else {}
     if info.get("kind") == SOFTMAX:
         return "softmax"
-    if info.get("kind") == ACT and info.get("sub") in GELU_LIKE and node.meta["hyfx"]["kind"] == LINEAR:
+    if info.get("kind") == ACT and info.get("sub") in GELU_LIKE and node.meta[TAGS]["kind"] == LINEAR:
         return "gelu"
     return None
 
@@ -68,16 +69,16 @@ def twin_gelu_candidates(bits: int, lo: float, hi: float, factors: torch.Tensor)
                           factors)
 
 
+@register("ptq4vit")
 def ptq4vit(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int = 8, a_bits: int = 8,
             alpha: float = 0.0, beta: float = 1.2, n: int = 100, rounds: int = 3, samples: int = 256, twin: bool = True,
             coarse: int | None = 12, seed: int = 0, max_batches: int | None = None, progress: bool = True) -> QuantPlan:
-    start = time.perf_counter()
     hg, images, factors = prepare_search(gm, calib_loader, w_bits, a_bits, alpha, beta, n, max_batches)
     twins: dict[str, str] = {}
 
     def options(layer: str, node: fx.Node, side_name: str, side: Side) -> list:
         if side_name == "weight":
-            gran = "channel" if node.meta["hyfx"]["kind"] == CONV else "tensor"
+            gran = "channel" if node.meta[TAGS]["kind"] == CONV else "tensor"
             return [UniformCandidates(uniform_spec(w_bits, gran, "symmetric", 0), side.lo, side.hi, factors)]
         index = int(side_name[5:])
         kind = _twin_kind(node, index) if twin else None
@@ -93,5 +94,4 @@ def ptq4vit(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: in
     plan = QuantPlan(recipe="ptq4vit", layers=result.policies, meta={
         "w_bits": w_bits, "a_bits": a_bits, "alpha": alpha, "beta": beta, "n": n, "twin": dict(sorted(twins.items())),
         "calibration": {"n_images": sum(len(x) for x in images)}, **result.meta})
-    plan.meta["plan_seconds"] = round(time.perf_counter() - start, 2)
     return plan

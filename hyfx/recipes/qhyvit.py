@@ -20,7 +20,6 @@ them at 8 bits); the default quantizes them like every other layer. The plan rec
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 import torch.fx as fx
@@ -28,21 +27,14 @@ import torch.fx as fx
 from hyfx.graph import HybridGraph
 from hyfx.ops import is_depthwise
 from hyfx.quant.spec import QuantPlan
-from hyfx.quant.targets import (
-    GRANULARITIES,
-    SCHEMES,
-    TargetRules,
-    check_bits_for_target,
-    cpu_weight_bits,
-    exact_weight_layers,
-    target_rules,
-)
-from hyfx.recipes.problems import Side, uniform_spec
-from hyfx.recipes.reconstruct import prepare_search, run_search
-from hyfx.recipes.search import HessianObjective, UniformCandidates
+from hyfx.quant.targets import GRANULARITIES, SCHEMES, Target, check_bits_for_target, get_target
+from hyfx.recipes.registry import register
+from hyfx.search.candidates import HessianObjective, UniformCandidates
+from hyfx.search.layerwise import prepare_search, run_search
+from hyfx.search.problems import Side, uniform_spec
 
 
-def search_space(w_bits: int, a_bits: int, rules: TargetRules, search_granularity: bool = True,
+def search_space(w_bits: int, a_bits: int, rules: Target, search_granularity: bool = True,
                  search_scheme: bool = True) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
     """(granularities, schemes) for weights and activations; the simplest first, so ties keep it.
 
@@ -68,25 +60,25 @@ def search_space(w_bits: int, a_bits: int, rules: TargetRules, search_granularit
     return space
 
 
+@register("qhyvit", targets=None, options=("edge_bits",))
 def qhyvit(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int = 8, a_bits: int = 8,
            target: str = "fake", full: bool = False, alpha: float = 0.01, beta: float = 1.2, n: int = 100,
            rounds: int = 3, samples: int = 256, search_granularity: bool = True, search_scheme: bool = True,
            bridge: bool = True, coarse: int | None = 12, edge_bits: int | None = None, seed: int = 0,
            max_batches: int | None = None, progress: bool = True) -> QuantPlan:
     """Q-HyViT plan for `target` ("fake", "ort" or "tensorrt"); `samples` rows per layer feed the search."""
-    start = time.perf_counter()
     hg, images, factors = prepare_search(gm, calib_loader, w_bits, a_bits, alpha, beta, n, max_batches, target)
-    rules = target_rules(target)
+    rules = get_target(target)
     space = search_space(w_bits, a_bits, rules, search_granularity, search_scheme)
 
-    exact = set(exact_weight_layers(hg)) if target == "ort" else set()
+    exact = set(hg.exact_weight_layers()) if rules.cpu_weight_bits else set()
     edges: set[str] = set()
     if edge_bits is not None:
         check_bits_for_target(target, edge_bits, edge_bits)
         edges = set(hg.edge_layers())
 
-    def weight_bits_for(depthwise: bool, bits: int = w_bits) -> int:  # the bits the CPU lowering runs (hyfx.backends.ort)
-        return min(bits, cpu_weight_bits(depthwise)) if target == "ort" else bits
+    def weight_bits_for(exact: bool, bits: int = w_bits) -> int:  # the bits the target's kernels run
+        return rules.weight_bits(bits, exact)
 
     def options(layer: str, node: fx.Node, side_name: str, side: Side) -> list:
         role = "weight" if side_name == "weight" else "input"
@@ -108,7 +100,6 @@ def qhyvit(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int
         "edge_bits": edge_bits, "edge_layers": sorted(edges),
         "space": {role: {"granularity": list(g), "scheme": list(s)} for role, (g, s) in space.items()},
         "calibration": {"n_images": sum(len(x) for x in images)},
-        "hessian_loss": "cross-entropy against the FP32 top-1 (empirical Fisher; see hyfx.recipes.sampling)",
+        "hessian_loss": "cross-entropy against the FP32 top-1 (empirical Fisher; see hyfx.search.sampling)",
         **result.meta})
-    plan.meta["plan_seconds"] = round(time.perf_counter() - start, 2)
     return plan

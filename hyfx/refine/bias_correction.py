@@ -20,12 +20,12 @@ import torch
 import torch.fx as fx
 
 from hyfx.errors import HyfxError
-from hyfx.graph import HybridGraph
+from hyfx.graph import HybridGraph, analysed
+from hyfx.meta import TAGS
 from hyfx.ops import CONV, LINEAR, weight_arg
 from hyfx.passes.insert_quant import getattr_path, insert_quant
 from hyfx.quant.calibrate import batches
 from hyfx.quant.spec import QuantPlan
-from hyfx.recipes.common import analysed
 
 
 class _ShiftMeter(fx.Interpreter):
@@ -64,13 +64,13 @@ def correct_bias(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader
     for policy in plan.layers.values():
         policy.bias_correction = None
     qgm = insert_quant(hg.gm, plan)
-    index = {n.meta["hyfx"]["name"]: n for n in qgm.graph.nodes if "hyfx" in n.meta}
+    index = {n.meta[TAGS]["name"]: n for n in qgm.graph.nodes if TAGS in n.meta}
     layers: dict[fx.Node, tuple[str, int, torch.Tensor]] = {}
     for layer, policy in plan.layers.items():
         node = index.get(layer)
         if policy.weight is None or policy.weight.kind != "uniform" or node is None:
             continue
-        kind = node.meta["hyfx"]["kind"]
+        kind = node.meta[TAGS]["kind"]
         if kind not in (CONV, LINEAR) or node.op != "call_function":
             continue
         weight = getattr_path(hg.gm, weight_arg(hg.node(layer)).target).detach()  # not the rounded one in qgm

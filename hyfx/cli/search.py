@@ -13,9 +13,9 @@ import hyfx
 from hyfx.data import ImageSet, make_loader, split, verify_images
 from hyfx.errors import HyfxError
 from hyfx.hardware import DEFAULT_CONFIGS, BitConfig
-from hyfx.recipes.hysquant import BUDGET_METRICS, Budget, run_hysquant
-from hyfx.recipes.pareto import pareto_front, plot_front
-from hyfx.recipes.sensitivity import SensitivityTable
+from hyfx.mixed.engine import BUDGET_METRICS, Budget, run_hysquant
+from hyfx.mixed.pareto import pareto_front, plot_front
+from hyfx.mixed.sensitivity import SensitivityTable
 
 TIMERS = ("none", "ort", "torch")
 

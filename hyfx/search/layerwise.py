@@ -17,12 +17,13 @@ import torch.fx as fx
 from tqdm import tqdm
 
 from hyfx.errors import HyfxError
-from hyfx.graph import HybridGraph
+from hyfx.graph import HybridGraph, analysed
+from hyfx.meta import TAGS
 from hyfx.ops import CONV, LINEAR, MATMUL, NORM, SOFTMAX, weight_arg
 from hyfx.quant.spec import LayerPolicy, check_bits
 from hyfx.quant.targets import check_bits_for_target
-from hyfx.recipes.common import analysed
-from hyfx.recipes.problems import (
+from hyfx.search.candidates import Choice, alternate, grid
+from hyfx.search.problems import (
     Chain,
     ChainProblem,
     ConvLinearProblem,
@@ -32,8 +33,7 @@ from hyfx.recipes.problems import (
     chain_input,
     chain_nodes,
 )
-from hyfx.recipes.sampling import Request, Samples, calibration_images, sample_layers
-from hyfx.recipes.search import Choice, alternate, grid
+from hyfx.search.sampling import Request, Samples, calibration_images, sample_layers
 
 aten = torch.ops.aten
 NORM_SUBS = ("softmax", "layer_norm", "batch_norm", "group_norm")
@@ -51,7 +51,7 @@ class SearchResult:
 def _kind(hg: HybridGraph, layer: str) -> str | None:
     """The request kind for a layer, or None when the search does not handle it."""
     node = hg.node(layer)
-    info = node.meta["hyfx"]
+    info = node.meta[TAGS]
     if info["kind"] == CONV:
         ok = node.target in (aten.conv2d.default, aten.convolution.default) and weight_arg(node) is not None
         return "conv" if ok else None

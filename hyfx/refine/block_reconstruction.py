@@ -35,15 +35,15 @@ import torch.fx as fx
 from tqdm import tqdm
 
 from hyfx.errors import HyfxError
-from hyfx.graph import HybridGraph
+from hyfx.graph import HybridGraph, analysed
+from hyfx.meta import TAGS
 from hyfx.ops import QUANT, getattr_path, weight_arg
 from hyfx.passes.insert_quant import insert_quant
 from hyfx.quant.rounding import encode_offsets, offsets_from_codes
 from hyfx.quant.spec import QuantPlan, QuantSpec
-from hyfx.recipes.activation_scales import QUANTIZE, learnable_activations, write_scales
-from hyfx.recipes.adaround import LearnedRounding, unrounded
-from hyfx.recipes.common import analysed
-from hyfx.recipes.sampling import calibration_images
+from hyfx.refine.activation_scales import QUANTIZE, learnable_activations, write_scales
+from hyfx.refine.adaround import LearnedRounding, unrounded
+from hyfx.search.sampling import calibration_images
 
 
 class _Stream(fx.Interpreter):
@@ -113,7 +113,7 @@ def _learnable_weights(qgm: fx.GraphModule, specs: dict[str, QuantSpec]) -> dict
     Returns {submodule name: layer}."""
     learned = {}
     for q in list(qgm.graph.nodes):
-        info = q.meta.get("hyfx", {})
+        info = q.meta.get(TAGS, {})
         if q.op != "call_function" or q.target not in QUANTIZE or info.get("role") != "weight":
             continue
         (dq,) = q.users
@@ -124,7 +124,7 @@ def _learnable_weights(qgm: fx.GraphModule, specs: dict[str, QuantSpec]) -> dict
         qgm.add_submodule(name, LearnedRounding(getattr_path(qgm, q.args[0].target).detach(), specs[layer]))
         with qgm.graph.inserting_after(dq):
             w = qgm.graph.call_module(name, ())
-        w.meta["hyfx"] = info
+        w.meta[TAGS] = info
         dq.replace_all_uses_with(w)
         qgm.graph.erase_node(dq)
         qgm.graph.erase_node(q)
@@ -135,7 +135,7 @@ def _learnable_weights(qgm: fx.GraphModule, specs: dict[str, QuantSpec]) -> dict
 
 
 def _block_of(node: fx.Node, hg: HybridGraph) -> str | None:
-    info = node.meta.get("hyfx")
+    info = node.meta.get(TAGS)
     if info is None:
         return None
     if "quantizes" in info:  # a quantizer, learned or not, goes with the layer it quantizes
@@ -188,7 +188,7 @@ def _subgraph(qgm: fx.GraphModule, members: list[fx.Node]) -> tuple[fx.GraphModu
 
 def _fp_source(node: fx.Node) -> fx.Node:
     """The FP32 value a quantized-graph node stands for: through quantizers to what they quantize."""
-    while node.meta.get("hyfx", {}).get("kind") == QUANT:
+    while node.meta.get(TAGS, {}).get("kind") == QUANT:
         node = node.args[0]
     return node
 

@@ -25,13 +25,12 @@ from tqdm import tqdm
 
 from hyfx.errors import HyfxError
 from hyfx.evaluate import kl_divergence, topk_correct
-from hyfx.graph import HybridGraph
+from hyfx.graph import HybridGraph, analysed
 from hyfx.hardware import DEFAULT_CONFIGS, BitConfig, DeviceProfile, GraphWork, LatencyModel, graph_work
 from hyfx.ops import MATMUL, descendants, mutated_args, weight_arg
 from hyfx.passes.insert_quant import getattr_path
 from hyfx.quant.quantizers import calibrate_weight, qd
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
-from hyfx.recipes.common import analysed
 from hyfx.recipes.minmax import minmax
 
 COLLAPSE_DROP = 10.0  # top-1 points lost by one layer alone at low activation bits that count as a collapse

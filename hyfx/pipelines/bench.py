@@ -11,9 +11,7 @@ Accuracy needs trained weights: for a random-weight model only the latency part 
 
 from __future__ import annotations
 
-import inspect
 import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -26,14 +24,16 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-import hyfx
-from hyfx import zoo
+from hyfx import recipes, zoo
+from hyfx.capture import capture
+from hyfx.cpu import cpu_info
 from hyfx.data import ImageSet, data_config, example_input, find_sample_dir, load_image_folder, make_loader
 from hyfx.errors import HyfxError
 from hyfx.evaluate import Predictions, accuracy, compare, wilson_interval
-from hyfx.graph import HybridGraph
-from hyfx.recipes import get_recipe, make_plan
-from hyfx.recipes.sampling import calibration_images
+from hyfx.graph import HybridGraph, analyze, quantize
+from hyfx.meta import EXAMPLE_SHAPE
+from hyfx.pipelines.plan import make_plan
+from hyfx.search.sampling import calibration_images
 
 METHODS = ("minmax", "easyquant", "ptq4vit", "efficientquant", "qhyvit")
 ORT_RECIPES = ("minmax", "qhyvit")
@@ -119,7 +119,7 @@ def accuracy_tables(hg: HybridGraph, calib_loader: Iterable, eval_loader: Iterab
             plans[v.label] = make_plan(v.recipe, hg, calib_loader, w_bits=b, a_bits=b, progress=progress, **v.options)
             seconds[v.label] = time.perf_counter() - start
             _log(f"    {seconds[v.label]:.0f} s, {plans[v.label].summary()}")
-        results = compare(hg.gm, {label: hyfx.quantize(hg, plan) for label, plan in plans.items()}, eval_loader,
+        results = compare(hg.gm, {label: quantize(hg, plan) for label, plan in plans.items()}, eval_loader,
                           progress=progress)
         fp32 = results["fp32"]
         table = {"fp32": {**fp32.to_dict(), "drop_top1": 0.0, "table": "fp32"}}
@@ -142,7 +142,7 @@ BIAS_CORRECTED = "+bc"  # a recipe name with this suffix (e.g. "qhyvit+bc") gets
 
 def _ort_plan(hg: HybridGraph, recipe: str, loader: Iterable):
     name = recipe.removesuffix(BIAS_CORRECTED)
-    options = {"target": "ort"} if "target" in inspect.signature(get_recipe(name)).parameters else {}
+    options = {"target": "ort"} if recipes.get(name).searches("ort") else {}
     return make_plan(name, hg, loader, bias_correction=recipe.endswith(BIAS_CORRECTED), progress=False, **options)
 
 
@@ -170,7 +170,7 @@ def ort_models(hg: HybridGraph, calib_loader: Iterable, work: Path, recipes: Seq
     paths["hyfx fp32 layout"] = work / f"{stem}_fp32_layout.onnx"
     onnx.save(layout, str(paths["hyfx fp32 layout"]))
     notes["hyfx fp32 layout"] = f"ORT FP32 with {rewritten} reshape / transpose chains rewritten (no int8)"
-    shape = hg.gm.meta["hyfx_example_shape"]
+    shape = hg.gm.meta[EXAMPLE_SHAPE]
     for fmt in ("qdq", "qoperator"):
         key = f"ort quantize_static {fmt}"
         try:
@@ -240,7 +240,7 @@ def ort_latency(hg: HybridGraph, calib_loader: Iterable, eval_loader: Iterable |
     """ort_models → time_models (→ ort_accuracy when evaluation images are given), in a scratch folder."""
     with tempfile.TemporaryDirectory() as tmp:
         paths, notes = ort_models(hg, calib_loader, Path(tmp), recipes, stem)
-        shape = hg.gm.meta["hyfx_example_shape"]
+        shape = hg.gm.meta[EXAMPLE_SHAPE]
         out = {"timings": time_models(paths, shape[1:], batches, threads, runs), "notes": notes,
                "threads": threads, "runs": runs, "batches": list(batches)}
         if eval_loader is not None:
@@ -251,16 +251,9 @@ def ort_latency(hg: HybridGraph, calib_loader: Iterable, eval_loader: Iterable |
 def environment(threads: int) -> dict:
     import onnxruntime
 
-    from hyfx.backends.ort import cpu_has_vnni
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "vnni": cpu_has_vnni()}
+    cpu = cpu_info()
+    return {"cpu": cpu.model, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "onnxruntime": onnxruntime.__version__, "vnni": cpu.vnni, "cpu_features": cpu.features()}
 
 
 # ---------------------------------------------------------------------------------------------- one model
@@ -277,7 +270,7 @@ def bench_model(name: str, checkpoint: str | None = None, pretrained: bool = Fal
     model = zoo.create(name, checkpoint=checkpoint, pretrained=pretrained)
     real = zoo.is_real_weights(name) or checkpoint is not None or pretrained
     config = data_config(model)
-    hg = hyfx.analyze(hyfx.capture(model, example_input(config)))
+    hg = analyze(capture(model, example_input(config)))
     calib, evaluation = bench_images(name, folder, n_calib, n_eval, seed)
     calib_loader = make_loader(calib, config, 16)
     eval_loader = make_loader(evaluation, config, 50)

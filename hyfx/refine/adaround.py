@@ -31,13 +31,13 @@ import torch.fx as fx
 from tqdm import tqdm
 
 from hyfx.errors import HyfxError
-from hyfx.graph import HybridGraph
+from hyfx.graph import HybridGraph, analysed
+from hyfx.meta import TAGS
 from hyfx.ops import CONV, LINEAR, batchnorm_factor, getattr_path, sole_batchnorm, weight_arg
 from hyfx.passes.insert_quant import insert_quant, resolved_weight_specs
 from hyfx.quant.rounding import encode_offsets, offsets_from_codes, rounded_weight, weight_grid
 from hyfx.quant.spec import QuantPlan, QuantSpec
-from hyfx.recipes.common import analysed
-from hyfx.recipes.sampling import calibration_images
+from hyfx.search.sampling import calibration_images
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound)
 
@@ -173,10 +173,10 @@ def adaround(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: It
     if not images:
         raise HyfxError("adaround got no calibration images: pass a non-empty calibration loader")
     qgm = insert_quant(hg.gm, plan)
-    qindex = {n.meta["hyfx"]["name"]: n for n in qgm.graph.nodes if "hyfx" in n.meta}
-    layers = [n.meta["hyfx"]["name"] for n in hg.gm.graph.nodes
-              if "hyfx" in n.meta and n.meta["hyfx"]["name"] in specs and n.meta["hyfx"]["kind"] in (CONV, LINEAR)
-              and specs[n.meta["hyfx"]["name"]].kind == "uniform" and weight_arg(n) is not None]
+    qindex = {n.meta[TAGS]["name"]: n for n in qgm.graph.nodes if TAGS in n.meta}
+    layers = [n.meta[TAGS]["name"] for n in hg.gm.graph.nodes
+              if TAGS in n.meta and n.meta[TAGS]["name"] in specs and n.meta[TAGS]["kind"] in (CONV, LINEAR)
+              and specs[n.meta[TAGS]["name"]].kind == "uniform" and weight_arg(n) is not None]
     start = time.perf_counter()
     for layer in tqdm(layers, desc="adaround", disable=not progress):
         node, qnode = hg.node(layer), qindex[layer]
@@ -197,7 +197,7 @@ def adaround(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: It
         def layer_fn(x: torch.Tensor, w: torch.Tensor, node=node, rest=rest, kwargs=kwargs) -> torch.Tensor:
             return node.target(x, w, *rest, **kwargs)
 
-        kind = node.meta["hyfx"]["kind"]
+        kind = node.meta[TAGS]["kind"]
         codes = learn_rounding(layer_fn, weight, specs[layer], torch.cat(inputs), torch.cat(targets),
                                1 if kind == CONV else -1, _bn_factor(node, weight.shape[0]) if kind == CONV else None,
                                iters=iters, batch=batch, lr=lr, reg=reg)

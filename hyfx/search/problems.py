@@ -18,11 +18,12 @@ import torch
 import torch.fx as fx
 
 from hyfx.errors import HyfxError
+from hyfx.meta import TAGS
 from hyfx.ops import ACT, CONV, NORM, OTHER, QUANT, RESHAPE, ancestors, descendants, weight_arg
 from hyfx.passes.insert_quant import getattr_path
 from hyfx.quant.quantizers import fake_quant
 from hyfx.quant.spec import QuantSpec
-from hyfx.recipes.sampling import Samples, conv_geometry
+from hyfx.search.sampling import Samples, conv_geometry
 
 aten = torch.ops.aten
 
@@ -60,7 +61,7 @@ class ConvLinearProblem:
         bias_node = node.args[2] if len(node.args) > 2 else None
         self.bias = (getattr_path(gm, bias_node.target).detach().float() if isinstance(bias_node, fx.Node)
                      else torch.zeros(weight.shape[0]))
-        self.is_conv = node.meta["hyfx"]["kind"] == CONV
+        self.is_conv = node.meta[TAGS]["kind"] == CONV
         self.groups = conv_geometry(node)[3] if self.is_conv else 1
         cout = weight.shape[0]
         w2 = weight.reshape(cout, -1)
@@ -162,7 +163,7 @@ class RowsProblem:
     def __init__(self, layer: str, node: fx.Node, gm: fx.GraphModule, samples: Samples):
         self.layer = layer
         self.node, self.gm = node, gm
-        sub = node.meta["hyfx"]["sub"]
+        sub = node.meta[TAGS]["sub"]
         x = samples.inputs[0]
         lo, hi = samples.ranges[0]
         rank = samples.rank[0]
@@ -211,7 +212,7 @@ _POINTWISE_OTHER = {aten.add.Tensor, aten.mul.Tensor, aten.sub.Tensor, aten.div.
 
 
 def _is_pointwise_conv(node: fx.Node) -> bool:
-    if node.meta["hyfx"]["kind"] != CONV or weight_arg(node) is None:
+    if node.meta[TAGS]["kind"] != CONV or weight_arg(node) is None:
         return False
     w = node.args[1].meta.get("val")
     stride, padding, dilation, _ = conv_geometry(node)
@@ -232,7 +233,7 @@ def chain_nodes(start: fx.Node, end: fx.Node) -> list[fx.Node] | None:
     nodes = [start] + sorted(between, key=order.__getitem__)
     inside = set(nodes)
     for n in nodes[1:]:
-        info = n.meta.get("hyfx")
+        info = n.meta.get(TAGS)
         if info is None:
             return None
         kind = info["kind"]
@@ -250,7 +251,7 @@ class Chain:
 
     def __init__(self, gm: fx.GraphModule, nodes: list[fx.Node]):
         self.gm, self.nodes = gm, nodes
-        self.layer_name = {n: n.meta["hyfx"]["name"] for n in nodes}
+        self.layer_name = {n: n.meta[TAGS]["name"] for n in nodes}
 
     def _arg(self, env, a):
         if isinstance(a, fx.Node):
@@ -282,7 +283,7 @@ class Chain:
             for idx, spec in inputs.items():
                 args[idx] = fake_quant(args[idx], spec)
             out = node.target(*args, **kwargs)
-            env[node] = out[0] if isinstance(out, (tuple, list)) and node.meta["hyfx"]["kind"] == NORM else out
+            env[node] = out[0] if isinstance(out, (tuple, list)) and node.meta[TAGS]["kind"] == NORM else out
             if node is until:
                 return env[node]
         raise ValueError(f"{until.name} does not follow {after.name} in the chain")

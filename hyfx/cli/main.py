@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,11 +18,10 @@ from hyfx.data import ImageSet, data_config, example_input, load_image_folder, m
 from hyfx.errors import HyfxError
 from hyfx.evaluate import compare
 from hyfx.graph import HybridGraph
-from hyfx.passes.split_outliers import META_KEY as SPLIT_META
+from hyfx.meta import SPLIT_OUTLIERS as SPLIT_META
 from hyfx.passes.split_outliers import outlier_convs
 from hyfx.quant.spec import check_bits
-from hyfx.quant.targets import TARGETS, check_bits_for_target, check_plan_target
-from hyfx.recipes import RECIPES, get_recipe, make_plan
+from hyfx.quant.targets import available_targets, check_bits_for_target, check_plan_target
 from hyfx.report import block_table, write_graph
 
 
@@ -100,13 +97,12 @@ def _recipe_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _target_options(args: argparse.Namespace, recipe, options: dict) -> dict:
-    """Pass --target to recipes that search a backend-aware space; every plan is checked against it afterwards."""
+def _target_options(args: argparse.Namespace, recipe: hyfx.recipes.Recipe, options: dict) -> dict:
+    """Pass --target to recipes that search within it; every plan is checked against it afterwards."""
     check_bits_for_target(args.target, options.get("w_bits", 8), options.get("a_bits", 8))
-    parameters = inspect.signature(recipe).parameters
-    if "edge_bits" in options and "edge_bits" not in parameters:
+    if "edge_bits" in options and "edge_bits" not in recipe.options:
         raise HyfxError(f"--edge-bits is an option of the qhyvit recipe, not of {args.recipe}: drop it or use qhyvit")
-    if "target" in parameters:
+    if recipe.searches(args.target):
         return {**options, "target": args.target}
     return options
 
@@ -124,7 +120,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise HyfxError("--adaround and --reconstruct-blocks both learn the weights' rounding: give one of them")
     if args.split_outliers is not None and args.split_outliers <= 0:
         raise HyfxError(f"--split-outliers {args.split_outliers}: give a positive number of standard deviations")
-    recipe = get_recipe(args.recipe)
+    recipe = hyfx.recipes.get(args.recipe)
     options = _target_options(args, recipe, options)
     model = _model(args)
     gm, config = _captured(model)
@@ -132,14 +128,12 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                      from_training=args.calib_from_training)
     verify_images(calib)
     loader = make_loader(calib, config, batch_size=args.batch_size)
-    start = time.perf_counter()
     hg = hyfx.analyze(gm, args.split_outliers)
-    plan = make_plan(args.recipe, hg, loader, bias_correction=args.bias_correction,
+    plan = hyfx.make_plan(args.recipe, hg, loader, bias_correction=args.bias_correction,
                      rounding_iters=args.adaround or 0, activation_steps=args.learn_activations or 0,
                      block_iters=args.reconstruct_blocks or 0, **options)
     check_plan_target(plan, args.target)
     plan.model = args.model
-    plan.meta["plan_seconds"] = round(time.perf_counter() - start, 2)
     plan.meta["calibration"] = {**plan.meta.get("calibration", {}), "images": calib.names(), "seed": args.seed,
                                  "source": "training" if args.calib_from_training else "held-out"}
     hyfx.save_plan(plan, args.out)
@@ -182,7 +176,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from hyfx.recipes.hysquant_cli import check_search_args, search_command
+    from hyfx.cli.search import check_search_args, search_command
 
     check_search_args(args)  # bad budgets fail before the model is built
     gm, config = _captured(_model(args))
@@ -191,15 +185,15 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hyfx.backends import export_command
+    from hyfx.cli.export import export_command
 
     gm, config = _captured(_model(args))
     return export_command(args, gm, config, lambda folder: _pool(args, folder))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from hyfx.bench import METHODS, bench_model, variants
-    from hyfx.bench_report import render
+    from hyfx.pipelines.bench import METHODS, bench_model, variants
+    from hyfx.pipelines.bench_report import render
 
     for b in args.bits:
         check_bits(b)  # bad bit-widths fail before the model is built
@@ -243,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", help="calibrate a recipe and write its QuantPlan (JSON)")
     _add_model_args(p)
-    p.add_argument("--recipe", default="efficientquant", choices=sorted(RECIPES))
+    p.add_argument("--recipe", default="efficientquant", choices=hyfx.recipes.available())
     p.add_argument("--calib", required=True, help="image folder (class subfolders, or images + labels.csv)")
     p.add_argument("--n-calib", type=int, default=32, help="calibration images drawn from --calib (default 32)")
     p.add_argument("--calib-from-training", action="store_true",
@@ -255,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w-bits", type=int)
     p.add_argument("--a-bits", type=int)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--target", default="fake", choices=TARGETS,
+    p.add_argument("--target", default="fake", choices=available_targets(),
                    help="backend the plan must run on (ort: per-tensor activations; tensorrt: symmetric int8 only)")
     p.add_argument("--bias-correction", action="store_true",
                    help="add to each quantized conv / linear bias the mean output shift its weight rounding causes")
@@ -289,21 +283,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results as JSON")
     p.set_defaults(func=cmd_eval)
 
-    from hyfx.recipes.hysquant_cli import add_search_arguments
+    from hyfx.cli.search import add_search_arguments
 
     p = sub.add_parser("search", help="HySquant: per-layer bit-widths under latency / energy / bytes / top-1 budgets")
     _add_model_args(p)
     add_search_arguments(p)
     p.set_defaults(func=cmd_search)
 
-    from hyfx.backends import add_export_arguments
+    from hyfx.cli.export import add_export_arguments
 
     p = sub.add_parser("export", help="lower a plan to ONNX QDQ for ONNX Runtime or TensorRT")
     _add_model_args(p)
     add_export_arguments(p)
     p.set_defaults(func=cmd_export)
 
-    from hyfx.bench import METHODS
+    from hyfx.pipelines.bench import METHODS
 
     p = sub.add_parser("bench", help="one model through the seed papers' tables (recipes × bits, full quantization, "
                                      "ablation) and ONNX Runtime latency / size")

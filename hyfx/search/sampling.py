@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hyfx.errors import HyfxError
+from hyfx.meta import TAGS
 from hyfx.ops import mutated_args, out_of_place
 from hyfx.quant.calibrate import batches
 
@@ -320,18 +321,18 @@ def _sample(acc: _Accumulator, values: dict, grads: dict, n: int, gen: torch.Gen
 
 
 def _is_batch_norm(node: fx.Node) -> bool:
-    return node.meta.get("hyfx", {}).get("sub") == "batch_norm"
+    return node.meta.get(TAGS, {}).get("sub") == "batch_norm"
 
 
 def _row_width(r: Request, x: torch.Tensor) -> tuple[int, ...]:
     """The trailing dims one row spans: the normalized shape of a layer norm, else the last dim."""
-    if r.node.meta.get("hyfx", {}).get("sub") == "layer_norm":
+    if r.node.meta.get(TAGS, {}).get("sub") == "layer_norm":
         return tuple(int(d) for d in r.node.args[1])
     return (x.shape[-1],)
 
 
 def _range_axis(r: Request, x: torch.Tensor) -> int | None:
-    sub = r.node.meta.get("hyfx", {}).get("sub")
+    sub = r.node.meta.get(TAGS, {}).get("sub")
     if sub == "softmax":
         return None
     if sub == "batch_norm":

@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from hyfx.errors import HyfxError
-from hyfx.graph import HybridGraph
+from hyfx.graph import HybridGraph, analysed
+from hyfx.meta import TAGS
 from hyfx.passes.insert_quant import insert_quant
 from hyfx.quant.quantizers import fake_quant_uniform, qd
 from hyfx.quant.spec import QuantPlan
-from hyfx.recipes.common import analysed
-from hyfx.recipes.sampling import calibration_images
+from hyfx.search.sampling import calibration_images
 
 QUANTIZE = (qd.quantize_per_tensor.default, qd.quantize_per_channel.default)
 
@@ -64,7 +64,7 @@ def learnable_activations(qgm: fx.GraphModule) -> dict[str, tuple[str, str]]:
     """
     learned = {}
     for q in list(qgm.graph.nodes):
-        info = q.meta.get("hyfx", {})
+        info = q.meta.get(TAGS, {})
         if q.op != "call_function" or q.target not in QUANTIZE or info.get("role") == "weight":
             continue
         (dq,) = q.users
@@ -78,7 +78,7 @@ def learnable_activations(qgm: fx.GraphModule) -> dict[str, tuple[str, str]]:
         qgm.add_submodule(name, LearnedFakeQuant(torch.as_tensor(scale), torch.as_tensor(zero_point), qmin, qmax, axis))
         with qgm.graph.inserting_after(dq):
             fq = qgm.graph.call_module(name, (src,))
-        fq.meta["hyfx"] = info
+        fq.meta[TAGS] = info
         dq.replace_all_uses_with(fq)
         qgm.graph.erase_node(dq)
         qgm.graph.erase_node(q)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 
 from hyfx.errors import HyfxError
-from hyfx.recipes.hysquant import Corrections, CostModel, assignment_of, config_counts
-from hyfx.recipes.ilp import Constraint, reachable, solve
-from hyfx.recipes.sensitivity import SensitivityTable
+from hyfx.mixed.engine import Corrections, CostModel, assignment_of, config_counts
+from hyfx.mixed.ilp import Constraint, reachable, solve
+from hyfx.mixed.sensitivity import SensitivityTable
 
 
 def pareto_front(table: SensitivityTable, axis: str = "latency", points: int = 12,

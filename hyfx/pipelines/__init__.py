@@ -1,0 +1,1 @@
+"""Pipelines: the only place that combines stages (recipe + refiners, recipe + lowering + autotuning, benchmarks)."""
