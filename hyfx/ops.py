@@ -7,13 +7,14 @@ method names, and leaf modules. Every pass asks these tables rather than matchin
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch.fx.passes.shape_prop import ShapeProp
 
-from hyfx.meta import EXAMPLE_SHAPE
+from hyfx.meta import EXAMPLE_SHAPE, TAGS
 
 aten = torch.ops.aten
 
@@ -207,6 +208,23 @@ def out_of_place(node: fx.Node):
     namespace, _, name = schema.name.partition("::")
     packet = getattr(getattr(torch.ops, namespace, None), name[:-1], None)
     return getattr(packet, schema.overload_name or "default", None) if packet is not None else None
+
+
+VALUE_PRESERVING = (aten.dropout.default, aten.clone.default, aten.alias.default, aten.split_with_sizes.default,
+                    aten.split.Tensor, aten.chunk.default, aten.slice.Tensor)  # beyond RESHAPE-kind nodes
+
+
+def moves_values(node: fx.Node) -> bool:
+    """Whether `node` only moves or selects its first input's values (reshapes, transposes, splits, dropout)."""
+    return node.op == "call_function" and (node.meta.get(TAGS, {}).get("kind") == RESHAPE
+                                           or node.target in VALUE_PRESERVING)
+
+
+def source_through(node: fx.Node, through: Callable[[fx.Node], bool] = moves_values) -> fx.Node:
+    """The node that computed `node`'s values: back through every node `through` accepts, along first inputs."""
+    while through(node) and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
 
 
 def ancestors(node: fx.Node) -> set[fx.Node]:

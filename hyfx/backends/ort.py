@@ -44,7 +44,7 @@ from hyfx.cpu import cpu_info
 from hyfx.evaluate import Predictions, accuracy
 from hyfx.graph import HybridGraph, analyze, analyze_for
 from hyfx.meta import BN_FACTORS, EXAMPLE_SHAPE, TAGS
-from hyfx.ops import CONV, LINEAR, MATMUL, getattr_path, is_depthwise, node_shape
+from hyfx.ops import CONV, LINEAR, MATMUL, getattr_path, is_depthwise, moves_values, node_shape, source_through
 from hyfx.quant.calibrate import batches, calibrate_activations
 from hyfx.quant.quantizers import calibrate_weight
 from hyfx.quant.rounding import flip_offsets
@@ -301,8 +301,6 @@ _SILU = (aten.silu.default, aten.silu_.default)
 _RELU6 = tuple(getattr(aten, name).default for name in ("relu6", "relu6_") if hasattr(aten, name))
 _RELU_LIKE = (aten.relu.default, aten.relu_.default, aten.hardtanh.default, aten.hardtanh_.default,
               aten.clamp.default, *_RELU6)
-_PASS_THROUGH = (aten.dropout.default, aten.clone.default, aten.alias.default, aten.split_with_sizes.default,
-                 aten.split.Tensor, aten.chunk.default, aten.slice.Tensor)
 
 
 def decompose_silu(gm: fx.GraphModule) -> fx.GraphModule:
@@ -338,22 +336,11 @@ def cpu_graph(gm: fx.GraphModule | HybridGraph) -> HybridGraph:
     return HybridGraph(decompose_silu(folded), hg.blocks, hg.bridges)
 
 
-def _is_pass_through(node: fx.Node) -> bool:
-    return node.op == "call_function" and (node.meta.get(TAGS, {}).get("kind") == "reshape" or node.target in _PASS_THROUGH)
-
-
-def _source(node: fx.Node) -> fx.Node:
-    """The op that computed a tensor's values, looking back through reshapes, transposes, splits and dropout."""
-    while _is_pass_through(node) and node.args and isinstance(node.args[0], fx.Node):
-        node = node.args[0]
-    return node
-
-
 def _consumers(node: fx.Node) -> list[tuple[fx.Node, int]]:
     """(op, argument index) of every op reading this tensor, looking forward through pass-through ops."""
     out = []
     for user in node.users:
-        if _is_pass_through(user):
+        if moves_values(user):
             out += _consumers(user)
         else:
             out += [(user, i) for i, a in enumerate(user.args) if a is node]
@@ -394,7 +381,7 @@ def _region_plan(hg: HybridGraph, plan: QuantPlan, layers: Iterable[str], weight
         node = hg.node(layer)
         for idx, spec in policy.inputs.items():
             if spec.kind == "uniform" and spec.calibrated and idx < len(node.args) and isinstance(node.args[idx], fx.Node):
-                recipe_specs.setdefault(_source(node.args[idx]), _uniform8(spec))
+                recipe_specs.setdefault(source_through(node.args[idx]), _uniform8(spec))
     activation = QuantSpec(bits=8, granularity="tensor", scheme="asymmetric")
     out = QuantPlan(recipe=f"{plan.recipe}+ort", model=plan.model, target="ort",
                     meta={**plan.meta, "ort": {"weight_bits": weight_bits}})
@@ -418,7 +405,7 @@ def _region_plan(hg: HybridGraph, plan: QuantPlan, layers: Iterable[str], weight
                     policy.weight_rounding = flip_offsets(recipe.weight_rounding, factors.get(name), name)
         # a clamp after an int8 conv rides on the conv's output quantizer (ORT drops it), so no Q in between
         for idx in (_tensor_args(node) if role not in ("cat", "act") else []):
-            policy.inputs[idx] = known.inputs[idx] if known else recipe_specs.get(_source(node.args[idx]), activation)
+            policy.inputs[idx] = known.inputs[idx] if known else recipe_specs.get(source_through(node.args[idx]), activation)
         if _needs_output(node, role, int8):
             if known:
                 policy.output = known.output
@@ -497,7 +484,7 @@ def mse_weight_spec(weight: torch.Tensor, spec: QuantSpec, ratios: Iterable[floa
 def _grow_int8(hg: HybridGraph, int8: dict[fx.Node, str]) -> None:
     """Add the cheap int8 ops that keep data uint8 between int8 layers (SiLU halves, CNN adds, concats)."""
     def fed_by_int8(node: fx.Node) -> bool:
-        srcs = [_source(node.args[i]) for i in _tensor_args(node)]
+        srcs = [source_through(node.args[i]) for i in _tensor_args(node)]
         return bool(srcs) and all(s in int8 for s in srcs)
 
     for node in hg.gm.graph.nodes:  # topological order: producers are decided first
@@ -512,7 +499,7 @@ def _grow_int8(hg: HybridGraph, int8: dict[fx.Node, str]) -> None:
                 and fed_by_int8(node):
             int8[node] = "add"
         elif node.target is aten.cat.default and info.get("region") == "cnn" and \
-                all(isinstance(a, fx.Node) and _source(a) in int8 for a in node.args[0]):
+                all(isinstance(a, fx.Node) and source_through(a) in int8 for a in node.args[0]):
             int8[node] = "cat"
         elif node.target in _RELU_LIKE and fed_by_int8(node):
             int8[node] = "act"
@@ -589,7 +576,7 @@ def _share_tensor_specs(plan: QuantPlan, int8: dict[fx.Node, str]) -> None:
         if policy is None:
             continue
         for idx in list(policy.inputs):
-            src = _source(node.args[idx])
+            src = source_through(node.args[idx])
             src_policy = plan.layers.get(src.meta.get(TAGS, {}).get("name", ""))
             if src in int8 and src_policy is not None and src_policy.output is not None:
                 policy.inputs[idx] = src_policy.output

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from hyfx.graph import HybridGraph
 from hyfx.meta import TAGS
-from hyfx.ops import ACT, CONV, LINEAR, RESHAPE, SOFTMAX
+from hyfx.ops import ACT, CONV, LINEAR, RESHAPE, SOFTMAX, source_through
 from hyfx.quant.spec import QuantPlan, QuantSpec
 from hyfx.recipes.registry import register
 from hyfx.search.candidates import HessianObjective, TwinCandidates, UniformCandidates
@@ -38,9 +38,10 @@ def _passes_values(node: fx.Node) -> bool:
 def producer(node: fx.Node, index: int) -> fx.Node | None:
     """The node that computes input `index` of `node`, looking through reshapes and dropout."""
     src = node.args[index] if index < len(node.args) else None
-    while isinstance(src, fx.Node) and _passes_values(src):
-        src = src.args[0] if src.args and isinstance(src.args[0], fx.Node) else None
-    return src if isinstance(src, fx.Node) else None
+    if not isinstance(src, fx.Node):
+        return None
+    found = source_through(src, _passes_values)
+    return None if _passes_values(found) else found
 
 
 def _twin_kind(node: fx.Node, index: int) -> str | None:

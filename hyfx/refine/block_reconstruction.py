@@ -37,7 +37,7 @@ from tqdm import tqdm
 from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph, analysed
 from hyfx.meta import TAGS
-from hyfx.ops import QUANT, getattr_path, weight_arg
+from hyfx.ops import QUANT, getattr_path, source_through, weight_arg
 from hyfx.passes.insert_quant import insert_quant
 from hyfx.quant.rounding import encode_offsets, offsets_from_codes
 from hyfx.quant.spec import QuantPlan, QuantSpec
@@ -188,9 +188,7 @@ def _subgraph(qgm: fx.GraphModule, members: list[fx.Node]) -> tuple[fx.GraphModu
 
 def _fp_source(node: fx.Node) -> fx.Node:
     """The FP32 value a quantized-graph node stands for: through quantizers to what they quantize."""
-    while node.meta.get(TAGS, {}).get("kind") == QUANT:
-        node = node.args[0]
-    return node
+    return source_through(node, lambda n: n.meta.get(TAGS, {}).get("kind") == QUANT)
 
 
 def _loss(outs: tuple, targets: list[torch.Tensor]) -> torch.Tensor:
