@@ -34,7 +34,8 @@ import hyfx
 from hyfx import zoo
 from hyfx.data import data_config, example_input, find_sample_dir, load_image_folder, make_loader, split
 from hyfx.meta import SPLIT_OUTLIERS as SPLIT_META
-from hyfx.pipelines.bench import METHODS, accuracy_tables, bench_images, fp32_pass_seconds, variants
+from hyfx.pipelines.bench import METHODS, accuracy_tables, fp32_pass_seconds, variants
+from hyfx.splits import sample_split
 from hyfx.search.sampling import calibration_images
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -52,7 +53,7 @@ def run_model(name: str, bits_list: list[int], recipes: list[str], ablation: boo
               reconstructed: bool = False, from_training: bool = False) -> None:
     model = zoo.create(name)
     config = data_config(model)
-    calib, evaluation = bench_images(name, n_calib=n_calib, n_eval=n_eval, seed=seed, from_training=from_training)
+    calib, evaluation = sample_split(name, n_calib=n_calib, n_eval=n_eval, seed=seed, from_training=from_training)
     hg = hyfx.analyze(hyfx.capture(model, example_input(config)), split_outliers)
     entry = out["models"].setdefault(name, {"n_calib": len(calib), "n_eval": len(evaluation),
                                             "calibration": "training" if from_training else "held-out"})

@@ -35,7 +35,8 @@ import hyfx
 from hyfx import zoo
 from hyfx.cpu import cpu_info
 from hyfx.data import data_config, example_input, make_loader
-from hyfx.pipelines.bench import bench_images, ort_accuracy, ort_models, time_models
+from hyfx.pipelines.bench import ort_accuracy, ort_models, time_models
+from hyfx.splits import sample_split
 
 MOBILEVIT = ["mobilevit_xxs", "mobilevit_xs", "mobilevit_s", "mobilevitv2_050", "mobilevitv2_100", "mobilevitv2_200"]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -50,14 +51,14 @@ def build(name: str, recipes: list[str], work: Path, n_calib: int) -> tuple[dict
     model = zoo.create(name)
     config = data_config(model)
     hg = hyfx.analyze(hyfx.capture(model, example_input(config)))
-    calib, _ = bench_images(name, n_calib=n_calib)
+    calib, _ = sample_split(name, n_calib=n_calib)
     paths, notes = ort_models(hg, make_loader(calib, config, batch_size=8), work, recipes, stem=name)
     return paths, notes, config
 
 
 def evaluate(name: str, paths: dict, config: dict, n_calib: int, n_eval: int | None, threads: int) -> dict:
     """top-1 / top-5 / agreement of each ONNX model in ORT on the evaluation images (calibration ones excluded)."""
-    _, evaluation = bench_images(name, n_calib=n_calib, n_eval=n_eval)
+    _, evaluation = sample_split(name, n_calib=n_calib, n_eval=n_eval)
     return ort_accuracy(paths, make_loader(evaluation, config, batch_size=50), threads)
 
 

@@ -32,7 +32,8 @@ from hyfx.data import data_config, example_input, make_loader
 from hyfx.hardware import DEFAULT_CONFIGS, PROFILES, BitConfig, RooflineLatency, graph_work, model_bytes, this_cpu
 from hyfx.mixed.pareto import pareto_front, plot_front
 from hyfx.mixed.sensitivity import Policies, SensitivityTable, build_table, reprice
-from hyfx.pipelines.bench import METHODS, bench_images, bench_model, environment, ort_latency, variants
+from hyfx.pipelines.bench import METHODS, bench_model, environment, ort_latency, variants
+from hyfx.splits import sample_split
 from hyfx.pipelines.bench_report import EVALUATION_SET, latency_table, load_paper_tables, render
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -359,7 +360,7 @@ def main() -> int:
         model = zoo.create(name)
         config = data_config(model)
         hg = hyfx.analyze(hyfx.capture(model, example_input(config)))
-        calib, _ = bench_images(name, n_calib=16)
+        calib, _ = sample_split(name, n_calib=16)
         report["speed_only"].append({"model": name, "real_weights": False, "environment": report["environment"],
                                      "ort": ort_latency(hg, list(make_loader(calib, config, 8)), runs=args.runs,
                                                         threads=args.threads, stem=name)})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import networkx as nx
@@ -16,6 +17,7 @@ from hyfx.ops import CONV, LINEAR, MATMUL, node_shape
 from hyfx.passes.bridges import Bridge, find_bridges
 from hyfx.passes.decompose_attention import decompose_attention
 from hyfx.passes.insert_quant import insert_quant
+from hyfx.passes.manager import sequential
 from hyfx.passes.split_outliers import split_weight_outliers
 from hyfx.passes.tag import tag
 
@@ -106,9 +108,8 @@ def analyze(gm: fx.GraphModule, split_outliers: float | None = None) -> HybridGr
     `split_outliers`: first split the outlier weights of convs into their own conv at this many robust
     standard deviations (hyfx.passes.split_outliers; plans made on that graph record it).
     """
-    if split_outliers is not None:
-        gm = split_weight_outliers(gm, split_outliers)
-    tagged = tag(decompose_attention(gm))
+    split = partial(split_weight_outliers, threshold=split_outliers) if split_outliers is not None else None
+    tagged = sequential(split, decompose_attention, tag)(gm)
     blocks: dict[str, Block] = {}
     for node in tagged.graph.nodes:
         info = node.meta.get(TAGS)

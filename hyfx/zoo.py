@@ -17,7 +17,6 @@ import timm
 import torch
 
 from hyfx.checkpoint import check_state_dict, load_checkpoint, read_state_dict
-from hyfx.data import ImageSet, split
 from hyfx.errors import HyfxError
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -193,31 +192,3 @@ def is_real_weights(name: str) -> bool:
 def training_images(name: str) -> list[str]:
     """Sample-folder file names a zoo model was trained on; callers exclude them from calibration/evaluation."""
     return _ZOO[name].training_images() if name in _ZOO else []
-
-
-def calibration_split(name: str, images: ImageSet, n_calib: int, n_eval: int | None = None, seed: int = 0,
-                      from_training: bool = False) -> tuple[ImageSet, ImageSet]:
-    """Disjoint (calibration, evaluation) images for model `name`; it is never evaluated on images it was trained on.
-
-    Calibration is drawn from the held-out images, or with `from_training` from the images the model was trained
-    on (the papers' protocol: calibrate on ImageNet train, evaluate on val), leaving every held-out image to
-    evaluation."""
-    trained = training_images(name)
-    held_out = images.without(trained)
-    if not len(held_out):
-        raise HyfxError(f"every image in {images.root} was used to train {name}: pass other images")
-    if not from_training:
-        return split(held_out, n_calib, n_eval, seed=seed)
-    if n_calib < 1:
-        raise HyfxError(f"calibration needs at least one image, got n_calib={n_calib}")
-    if not trained:
-        raise HyfxError(f"calibration from training images: {name} records no training images (only the hybrids "
-                        "hyfx distils do): calibrate on held-out images (drop --calib-from-training)")
-    training = images.only(trained)
-    if len(training) < n_calib:
-        raise HyfxError(f"calibration from training images: {images.root} holds {len(training)} of {name}'s "
-                        f"training images, fewer than the {n_calib} asked for: ask for fewer")
-    calib = training if len(training) == n_calib else split(training, n_calib, seed=seed)[0]
-    if n_eval is not None and n_eval < len(held_out):
-        _, held_out = split(held_out, len(held_out) - n_eval, seed=seed)
-    return calib, held_out

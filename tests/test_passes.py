@@ -103,3 +103,21 @@ def test_insert_quant_rejects_plans_for_other_models_and_uncalibrated_specs():
         insert_quant(hg.gm, QuantPlan("t", {"head": LayerPolicy(inputs={0: QuantSpec()})}))
     with pytest.raises(hyfx.HyfxError, match="no constant weight"):
         insert_quant(hg.gm, QuantPlan("t", {"blocks.0.matmul_0": LayerPolicy(weight=QuantSpec())}))
+
+
+def test_sequential_runs_passes_in_order_and_drops_switched_off_ones():
+    from hyfx.passes.manager import sequential
+
+    calls = []
+
+    def first(gm):
+        calls.append("first")
+        return gm
+
+    def second(gm):
+        calls.append("second")
+        return gm
+
+    marker = object()
+    assert sequential(first, None, second)(marker) is marker
+    assert calls == ["first", "second"]

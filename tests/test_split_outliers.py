@@ -16,7 +16,7 @@ from hyfx.data import data_config, example_input, make_loader
 from hyfx.evaluate import compare
 from hyfx.meta import SPLIT_OUTLIERS as META_KEY
 from hyfx.passes.split_outliers import outlier_mask, split_weight_outliers
-from hyfx.pipelines.bench import bench_images
+from hyfx.splits import sample_split
 
 aten = torch.ops.aten
 
@@ -109,7 +109,7 @@ def test_split_cuts_the_w6_error_of_the_real_hybrid(sample_images):
     float) cost far less accuracy once the outliers are split out."""
     model = zoo.create("lite0-vit-real")
     config = data_config(model)
-    calib, evaluation = bench_images("lite0-vit-real", sample_images.root, n_calib=16, n_eval=50)
+    calib, evaluation = sample_split("lite0-vit-real", sample_images.root, n_calib=16, n_eval=50)
     gm = hyfx.capture(model, example_input(config))
     loader = list(make_loader(calib, config, 16))
     hg = hyfx.analyze(gm, split_outliers=16.0)

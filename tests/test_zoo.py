@@ -9,7 +9,7 @@ import pytest
 import timm
 import torch
 
-from hyfx import zoo
+from hyfx import splits, zoo
 from hyfx.data import data_config, load_image_folder, make_loader
 from hyfx.errors import HyfxError
 
@@ -113,13 +113,13 @@ def test_unknown_name_is_one_line_error():
 
 def test_calibration_split_never_evaluates_on_training_images(sample_images):
     trained = set(zoo.training_images("lite0-vit-real"))
-    calib, evaluation = zoo.calibration_split("lite0-vit-real", sample_images, 32)
+    calib, evaluation = splits.calibration_split("lite0-vit-real", sample_images, 32)
     assert len(evaluation) == len(sample_images) - len(trained) - 32
     assert not (set(calib.names()) | set(evaluation.names())) & trained
-    calib, evaluation = zoo.calibration_split("lite0-vit-real", sample_images, 32, from_training=True)
+    calib, evaluation = splits.calibration_split("lite0-vit-real", sample_images, 32, from_training=True)
     assert len(calib) == 32 and set(calib.names()) <= trained
     assert len(evaluation) == len(sample_images) - len(trained) and not set(evaluation.names()) & trained
-    _, some = zoo.calibration_split("lite0-vit-real", sample_images, 32, n_eval=50, from_training=True)
+    _, some = splits.calibration_split("lite0-vit-real", sample_images, 32, n_eval=50, from_training=True)
     assert len(some) == 50 and set(some.names()) <= set(evaluation.names())
     with pytest.raises(HyfxError, match="lite0-real records no training images"):
-        zoo.calibration_split("lite0-real", sample_images, 32, from_training=True)
+        splits.calibration_split("lite0-real", sample_images, 32, from_training=True)

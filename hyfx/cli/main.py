@@ -7,21 +7,22 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import torch
 
 import hyfx
-from hyfx import zoo
+from hyfx import splits, zoo
 from hyfx.capture import capture_report
-from hyfx.data import ImageSet, data_config, example_input, load_image_folder, make_loader, split, verify_images
+from hyfx.data import data_config, example_input, load_image_folder, make_loader, verify_images
 from hyfx.errors import HyfxError
 from hyfx.evaluate import compare
 from hyfx.graph import HybridGraph
 from hyfx.meta import SPLIT_OUTLIERS as SPLIT_META
 from hyfx.passes.split_outliers import outlier_convs
 from hyfx.quant.spec import check_bits
-from hyfx.quant.targets import available_targets, check_bits_for_target, check_plan_target
+from hyfx.quant.targets import available_targets, check_bits_for_target
 from hyfx.report import block_table, write_graph
 
 
@@ -33,17 +34,6 @@ def _captured(model: torch.nn.Module) -> tuple[torch.fx.GraphModule, dict]:
     config = data_config(model)
     gm = hyfx.capture(model, example_input(config))
     return gm, config
-
-
-def _pool(args: argparse.Namespace, folder: str) -> ImageSet:
-    """The images of `folder` minus those the model was trained on (a zoo hybrid's distillation set)."""
-    images = load_image_folder(folder)
-    trained = zoo.training_images(args.model)
-    if trained:
-        images = images.without(trained)
-        if len(images) == 0:
-            raise HyfxError(f"every image in {folder} was used to train {args.model}: pass other images")
-    return images
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -97,14 +87,11 @@ def _recipe_options(args: argparse.Namespace) -> dict:
     return options
 
 
-def _target_options(args: argparse.Namespace, recipe: hyfx.recipes.Recipe, options: dict) -> dict:
-    """Pass --target to recipes that search within it; every plan is checked against it afterwards."""
+def _check_recipe_options(args: argparse.Namespace, recipe: hyfx.recipes.Recipe, options: dict) -> None:
+    """Options the recipe or the target cannot take fail before the model is built (make_plan checks them again)."""
     check_bits_for_target(args.target, options.get("w_bits", 8), options.get("a_bits", 8))
     if "edge_bits" in options and "edge_bits" not in recipe.options:
         raise HyfxError(f"--edge-bits is an option of the qhyvit recipe, not of {args.recipe}: drop it or use qhyvit")
-    if recipe.searches(args.target):
-        return {**options, "target": args.target}
-    return options
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -121,18 +108,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     if args.split_outliers is not None and args.split_outliers <= 0:
         raise HyfxError(f"--split-outliers {args.split_outliers}: give a positive number of standard deviations")
     recipe = hyfx.recipes.get(args.recipe)
-    options = _target_options(args, recipe, options)
+    _check_recipe_options(args, recipe, options)
     model = _model(args)
     gm, config = _captured(model)
-    calib, _ = zoo.calibration_split(args.model, load_image_folder(args.calib), args.n_calib, seed=args.seed,
+    calib, _ = splits.calibration_split(args.model, load_image_folder(args.calib), args.n_calib, seed=args.seed,
                                      from_training=args.calib_from_training)
     verify_images(calib)
     loader = make_loader(calib, config, batch_size=args.batch_size)
     hg = hyfx.analyze(gm, args.split_outliers)
-    plan = hyfx.make_plan(args.recipe, hg, loader, bias_correction=args.bias_correction,
-                     rounding_iters=args.adaround or 0, activation_steps=args.learn_activations or 0,
-                     block_iters=args.reconstruct_blocks or 0, **options)
-    check_plan_target(plan, args.target)
+    plan = hyfx.make_plan(args.recipe, hg, loader, target=args.target, bias_correction=args.bias_correction,
+                          rounding_iters=args.adaround or 0, activation_steps=args.learn_activations or 0,
+                          block_iters=args.reconstruct_blocks or 0, **options)
     plan.model = args.model
     plan.meta["calibration"] = {**plan.meta.get("calibration", {}), "images": calib.names(), "seed": args.seed,
                                  "source": "training" if args.calib_from_training else "held-out"}
@@ -154,9 +140,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = _model(args)
     gm, config = _captured(model)
     qgm = hyfx.quantize(gm, plan)
-    pool = _pool(args, args.data).without(plan.meta.get("calibration", {}).get("images", []))
-    if args.n_eval is not None and args.n_eval < len(pool):
-        _, pool = split(pool, len(pool) - args.n_eval, seed=args.seed)
+    pool = splits.evaluation_images(args.model, args.data, plan.meta.get("calibration", {}).get("images", []),
+                                    args.n_eval, seed=args.seed)
     loader = make_loader(pool, config, batch_size=args.batch_size)
     results = compare(gm, {plan.recipe: qgm}, loader)
     real = zoo.is_real_weights(args.model) or args.checkpoint is not None
@@ -181,14 +166,14 @@ def cmd_search(args: argparse.Namespace) -> int:
     check_search_args(args)  # bad budgets fail before the model is built
     gm, config = _captured(_model(args))
     real = zoo.is_real_weights(args.model) or args.checkpoint is not None
-    return search_command(args, gm, config, _pool(args, args.calib), real)
+    return search_command(args, gm, config, splits.usable_images(args.model, args.calib), real)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from hyfx.cli.export import export_command
 
     gm, config = _captured(_model(args))
-    return export_command(args, gm, config, lambda folder: _pool(args, folder))
+    return export_command(args, gm, config, partial(splits.usable_images, args.model))
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -24,16 +24,16 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from hyfx import recipes, zoo
+from hyfx import zoo
 from hyfx.capture import capture
 from hyfx.cpu import cpu_info
-from hyfx.data import ImageSet, data_config, example_input, find_sample_dir, load_image_folder, make_loader
-from hyfx.errors import HyfxError
+from hyfx.data import data_config, example_input, make_loader
 from hyfx.evaluate import Predictions, accuracy, compare, wilson_interval
 from hyfx.graph import HybridGraph, analyze, quantize
 from hyfx.meta import EXAMPLE_SHAPE
 from hyfx.pipelines.plan import make_plan
 from hyfx.search.sampling import calibration_images
+from hyfx.splits import sample_split
 
 METHODS = ("minmax", "easyquant", "ptq4vit", "efficientquant", "qhyvit")
 ORT_RECIPES = ("minmax", "qhyvit")
@@ -73,16 +73,6 @@ def variants(methods: Sequence[str] = METHODS, ablation: bool = True, full: bool
 
 def _log(line: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
-
-
-def bench_images(name: str, folder: str | Path | None = None, n_calib: int = 32, n_eval: int | None = None,
-                 seed: int = 0, from_training: bool = False) -> tuple[ImageSet, ImageSet]:
-    """Calibration and (disjoint) evaluation images of the folder (default: the sample), never the images the
-    model was trained on for evaluation (`zoo.calibration_split`)."""
-    folder = folder or find_sample_dir()
-    if folder is None:
-        raise HyfxError("no image folder: pass --data DIR (class subfolders, or images + labels.csv)")
-    return zoo.calibration_split(name, load_image_folder(folder), n_calib, n_eval, seed, from_training)
 
 
 def fp32_pass_seconds(gm: fx.GraphModule, images: list[torch.Tensor]) -> float:
@@ -142,8 +132,7 @@ BIAS_CORRECTED = "+bc"  # a recipe name with this suffix (e.g. "qhyvit+bc") gets
 
 def _ort_plan(hg: HybridGraph, recipe: str, loader: Iterable):
     name = recipe.removesuffix(BIAS_CORRECTED)
-    options = {"target": "ort"} if recipes.get(name).searches("ort") else {}
-    return make_plan(name, hg, loader, bias_correction=recipe.endswith(BIAS_CORRECTED), progress=False, **options)
+    return make_plan(name, hg, loader, target="ort", bias_correction=recipe.endswith(BIAS_CORRECTED), progress=False)
 
 
 def ort_models(hg: HybridGraph, calib_loader: Iterable, work: Path, recipes: Sequence[str] = ORT_RECIPES,
@@ -271,7 +260,7 @@ def bench_model(name: str, checkpoint: str | None = None, pretrained: bool = Fal
     real = zoo.is_real_weights(name) or checkpoint is not None or pretrained
     config = data_config(model)
     hg = analyze(capture(model, example_input(config)))
-    calib, evaluation = bench_images(name, folder, n_calib, n_eval, seed)
+    calib, evaluation = sample_split(name, folder, n_calib, n_eval, seed)
     calib_loader = make_loader(calib, config, 16)
     eval_loader = make_loader(evaluation, config, 50)
     result: dict = {"model": name, "checkpoint": checkpoint, "real_weights": real, "seed": seed,

@@ -43,16 +43,6 @@ def _broadcast(t: torch.Tensor, x: torch.Tensor, axis: int | None) -> torch.Tens
     return t.reshape(shape)
 
 
-def quantize_uniform(x, scale, zero_point, qmin: int, qmax: int, axis: int | None = None) -> torch.Tensor:
-    scale, zero_point = _broadcast(scale, x, axis), _broadcast(zero_point, x, axis)
-    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
-
-
-def dequantize_uniform(q, scale, zero_point, axis: int | None = None) -> torch.Tensor:
-    scale, zero_point = _broadcast(scale, q, axis), _broadcast(zero_point, q, axis)
-    return (q - zero_point) * scale
-
-
 def fake_quant_uniform(x, scale, zero_point, qmin: int, qmax: int, axis: int | None = None,
                        ste: bool = False) -> torch.Tensor:
     """Quantize then dequantize; with `ste`, gradients pass straight through rounding (reconstruction)."""

@@ -13,10 +13,9 @@ rounded earlier layers included) and W x̂ the FP32 model's output there (`objec
 BatchNorm's per-channel factor γ/σ, so the error is weighed as the network sees it. `objective="layer"` targets
 W x̂_q instead (the layer's own rounding error only).
 
-Why the default is "fp32": at W6A6 the error a layer's input brings from the 6-bit activations and earlier
-layers is ~100× its own weight-rounding error (lite0-real, Q-HyViT plan: conv_head's output error 755 with
-quantized inputs against 11 with float inputs). Measured on lite0-real W6A6 after Q-HyViT (968 evaluation
-images): "layer" moves KL(FP32‖quant) 0.0352 → 0.0336, "fp32" to 0.0266 (agreement 96.3% → 97.4%).
+Why the default is "fp32": at W6A6 the error a layer's input brings from the low-bit activations and earlier
+layers is far larger than its own weight-rounding error, so fitting the layer to the FP32 output recovers more
+(the README's AdaRound section has the measured comparison).
 The plan keeps every scale the recipe chose; only `weight_rounding` is added (hyfx.quant.rounding).
 """
 

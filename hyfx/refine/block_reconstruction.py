@@ -16,13 +16,7 @@ and anything left in float stay as they are. The plan keeps every granularity, s
 `weight_rounding` and new activation scales. A block whose loss on the calibration images did not fall is put
 back as the recipe left it (round to nearest, its scales).
 
-Measured on lite0-vit-real W6A6 (Q-HyViT with outliers split; 256 of the hybrid's distillation images, disjoint
-from the 468 evaluation images; 500 steps per block, batch 8, drop 0.5; top-1 change vs FP32 84.83, agreement,
-KL(FP32‖quant)): -1.28 / 93.38% / 0.0354 → -1.50 / 95.30% / 0.0215 (36 min, 2 cores); with the stem and
-classifier at 8 bits: -1.28 / 94.44% / 0.0264 → **-0.85 / 97.22% / 0.0149** (47 min, shared with tests), the
-lowest of every refinement tried (learned activation scales and AdaRound reach 0.0238 / 0.0243). Through the
-CLI (`--edge-bits 8 --split-outliers --calib-from-training --n-calib 256`, 30 min), on the 500 held-out images:
-top-1 -0.80 before and after, agreement 95.80% → 96.60%, KL 0.0356 → 0.0201.
+The README's block reconstruction section has what it measured on the real-weight hybrid.
 """
 
 from __future__ import annotations
