@@ -35,8 +35,8 @@ from hyfx import zoo
 from hyfx.data import data_config, example_input, find_sample_dir, load_image_folder, make_loader, split
 from hyfx.meta import SPLIT_OUTLIERS as SPLIT_META
 from hyfx.pipelines.bench import METHODS, accuracy_tables, fp32_pass_seconds, variants
-from hyfx.splits import sample_split
 from hyfx.search.sampling import calibration_images
+from hyfx.splits import sample_split
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -2,7 +2,7 @@
 
 For each model (MobileViT v1/v2, random weights: speed only):
 - ORT FP32 (torch.onnx export, BatchNorm folded), ORT quantize_static (u8 activations, s8 per-channel weights,
-  QDQ and QOperator formats; "best" is the faster valid one), hyfx int8 (`hyfx.backends.ort.compile_cpu`) for
+  QDQ and QOperator formats; "best" is the faster valid one), hyfx int8 (`hyfx.pipelines.ort_cpu.compile_cpu`) for
   each recipe, all calibrated on the same 16 real images;
 - every session timed in one interleaved loop per batch size (bs1, bs8), medians over --runs runs after
   warm-up; ratios are to ORT FP32 from the same loop; model bytes;

@@ -34,9 +34,20 @@ from hyfx.data import data_config, example_input, find_sample_dir, load_image_fo
 from hyfx.errors import HyfxError
 from hyfx.evaluate import accuracy, predict
 from hyfx.hardware import DEFAULT_CONFIGS, PROFILES, BitConfig, RooflineLatency, graph_work, model_bytes, this_cpu
-from hyfx.mixed.engine import Budget, CostModel, PlanEvaluator, TorchTimer, latency_ratio, search
-from hyfx.mixed.pareto import pareto_front, plot_front
-from hyfx.mixed.sensitivity import Policies, SensitivityTable, build_table, reprice
+from hyfx.mixed import (
+    Budget,
+    CostModel,
+    PlanEvaluator,
+    Policies,
+    SensitivityTable,
+    TorchTimer,
+    build_table,
+    latency_ratio,
+    pareto_front,
+    plot_front,
+    reprice,
+    search,
+)
 
 SEARCHES = [  # (name, device whose roofline prices latency, budgets, objective, measure latency with the torch timer)
     ("max accuracy, bytes 0.6x", "cpu", ["bytes=0.6x"], "kl", False),

@@ -30,11 +30,10 @@ import hyfx
 from hyfx import zoo
 from hyfx.data import data_config, example_input, make_loader
 from hyfx.hardware import DEFAULT_CONFIGS, PROFILES, BitConfig, RooflineLatency, graph_work, model_bytes, this_cpu
-from hyfx.mixed.pareto import pareto_front, plot_front
-from hyfx.mixed.sensitivity import Policies, SensitivityTable, build_table, reprice
+from hyfx.mixed import Policies, SensitivityTable, build_table, pareto_front, plot_front, reprice
 from hyfx.pipelines.bench import METHODS, bench_model, environment, ort_latency, variants
-from hyfx.splits import sample_split
 from hyfx.pipelines.bench_report import EVALUATION_SET, latency_table, load_paper_tables, render
+from hyfx.splits import sample_split
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mixed_precision import TestSet, splits  # noqa: E402  (the HySquant benchmark's image splits and test set)

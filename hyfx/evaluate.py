@@ -112,3 +112,52 @@ def per_layer_sqnr(float_gm: fx.GraphModule, quant_gm: fx.GraphModule, layers: l
     ref = collect(float_gm, [float_names[layer] for layer in layers], loader, max_batches, progress=False)
     got = collect(quant_gm, [quant_names[layer] for layer in layers], loader, max_batches, progress=False)
     return {layer: sqnr_db(ref[float_names[layer]], got[quant_names[layer]]) for layer in layers}
+
+
+@dataclass
+class Parity:
+    """A runtime's output of an exported model vs the PyTorch graph it was lowered from (and vs FP32); `top1_ort` is
+    the runtime's top-1 (the name predates other runtimes)."""
+
+    n: int
+    agreement: float  # top-1 agreement with the PyTorch quantized graph, percent
+    max_abs_diff: float  # largest |logit difference| to the PyTorch quantized graph
+    top1_ort: float
+    top1_torch: float
+    top1_fp32: float | None = None
+    agreement_fp32: float | None = None
+    runtime: str = "ORT"  # where the lowered model ran
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        text = (f"{self.runtime} vs PyTorch quantized on {self.n} images: top-1 agreement {self.agreement:.2f}%, "
+                f"max |Δlogit| {self.max_abs_diff:.4g}; top-1 {self.runtime} {self.top1_ort:.2f}% / "
+                f"PyTorch {self.top1_torch:.2f}%")
+        if self.top1_fp32 is not None:
+            text += f" / FP32 {self.top1_fp32:.2f}% (agreement with FP32 {self.agreement_fp32:.2f}%)"
+        return text
+
+
+def logits(module, loader: Iterable) -> torch.Tensor:
+    """A model's logits over a loader, to compare several lowered models against one reference run."""
+    with torch.no_grad():
+        return torch.cat([module(images).float() for images, _ in loader])
+
+
+def runtime_parity(run, reference, loader: Iterable, fp32=None, runtime: str = "ORT") -> Parity:
+    """`run(images) → logits` (a lowered model in its runtime) against `reference` (the PyTorch quantized graph, or
+    its logits over `loader`) on the same images, and against `fp32` when given."""
+    loader = list(loader)
+    labels = torch.cat([torch.as_tensor(target) for _, target in loader])
+    got = Predictions(torch.cat([run(images) for images, _ in loader]), labels)
+    want = Predictions(reference if isinstance(reference, torch.Tensor) else logits(reference, loader), labels)
+    acc = accuracy(got, want)
+    result = Parity(len(labels), acc.agreement, float((got.logits - want.logits).abs().max()), acc.top1,
+                    accuracy(want).top1, runtime=runtime)
+    if fp32 is not None:
+        fp32_pred = Predictions(fp32 if isinstance(fp32, torch.Tensor) else logits(fp32, loader), labels)
+        result.top1_fp32 = accuracy(fp32_pred).top1
+        result.agreement_fp32 = accuracy(got, fp32_pred).agreement
+    return result

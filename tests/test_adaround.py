@@ -8,6 +8,8 @@ import torch
 
 import hyfx
 from hyfx.backends import ort as hort
+from hyfx.passes.fold_batchnorm import folded_weight_spec
+from hyfx.pipelines.ort_cpu_plan import cpu_plan
 from hyfx.quant.quantizers import calibrate_weight, fake_quant
 from hyfx.quant.rounding import decode_offsets, encode_offsets, flip_offsets, offsets_from_codes, rounded_weight
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
@@ -52,8 +54,6 @@ def test_flipped_offsets_round_the_negated_weight_the_same_way():
     weight, factor = torch.randn(4, 8), torch.tensor([1.5, -0.5, 0.0, -2.0])
     spec = _spec(weight)
     offsets = torch.randint(-1, 2, weight.shape, dtype=torch.int8)
-    from hyfx.backends.onnx_qdq import folded_weight_spec
-
     folded = weight * factor[:, None]
     got = rounded_weight(folded, folded_weight_spec(spec, factor),
                          decode_offsets(flip_offsets(encode_offsets(offsets), factor), weight.shape))
@@ -146,7 +146,7 @@ def test_a_changed_weight_spec_drops_the_rounding_made_for_the_old_one(conv_head
     assert policy.weight_rounding is not None
     policy.set_weight(QuantSpec(bits=8, granularity="channel", scheme="symmetric", axis=0))
     assert policy.weight_rounding is None and policy.bias_correction is None
-    cpu, _, _ = hort.cpu_plan(hg, adaround(hg, _weights_only(), calib, iters=20, batch=4, progress=False), calib,
+    cpu, _, _ = cpu_plan(hg, adaround(hg, _weights_only(), calib, iters=20, batch=4, progress=False), calib,
                               weight_bits=4)
     assert cpu.layers["conv"].weight_rounding is not None  # 3-bit symmetric fits the 4-bit kernels: carried
 

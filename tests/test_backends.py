@@ -12,14 +12,21 @@ from onnx import TensorProto, helper, numpy_helper
 
 import hyfx
 from hyfx import zoo
-from hyfx.backends import onnx_qdq
 from hyfx.backends import ort as hort
 from hyfx.backends import tensorrt as htrt
+from hyfx.backends.onnx_lower import LOG2_MODES, log2_mode_graph
+from hyfx.backends.qdq_rules import check_plan, check_qdq
 from hyfx.cpu import cpu_info
 from hyfx.data import data_config, example_input, make_loader, split
+from hyfx.evaluate import logits
 from hyfx.ops import is_depthwise
+from hyfx.passes.fold_batchnorm import fold_batchnorm, folded_weight_spec
+from hyfx.pipelines import ort_cpu
+from hyfx.pipelines.ort_cpu_plan import cpu_graph, cpu_plan
 from hyfx.quant.quantizers import fake_quant
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
+from hyfx.quant.symmetric import symmetric_plan
+from hyfx.quant.targets import cpu_weight_bits
 
 
 class Tiny(torch.nn.Module):
@@ -75,39 +82,39 @@ def _qdq_model(zero_point: int, dtype: int = TensorProto.INT8, weight_scales: in
 
 
 def test_checker_rejects_nonzero_zero_point_for_tensorrt():
-    assert onnx_qdq.check_qdq(_qdq_model(0), "tensorrt")["weights"] == 1
+    assert check_qdq(_qdq_model(0), "tensorrt")["weights"] == 1
     with pytest.raises(hyfx.HyfxError, match=r"act/QuantizeLinear.*zero point 3"):
-        onnx_qdq.check_qdq(_qdq_model(3), "tensorrt")
-    assert onnx_qdq.check_qdq(_qdq_model(3), "ort")["activations"] == 1  # ORT runs zero points
+        check_qdq(_qdq_model(3), "tensorrt")
+    assert check_qdq(_qdq_model(3), "ort")["activations"] == 1  # ORT runs zero points
     with pytest.raises(hyfx.HyfxError, match="UINT8 quantization is not allowed for tensorrt"):
-        onnx_qdq.check_qdq(_qdq_model(128, TensorProto.UINT8), "tensorrt")
+        check_qdq(_qdq_model(128, TensorProto.UINT8), "tensorrt")
     with pytest.raises(hyfx.HyfxError, match="conv/weight/DequantizeLinear: TensorRT weights must be quantized per output"):
-        onnx_qdq.check_qdq(_qdq_model(0, weight_scales=1), "tensorrt")
+        check_qdq(_qdq_model(0, weight_scales=1), "tensorrt")
     with pytest.raises(hyfx.HyfxError, match="axis 1 is not the output-channel axis 0"):
-        onnx_qdq.check_qdq(_qdq_model(0, weight_scales=3, axis=1), "ort")
+        check_qdq(_qdq_model(0, weight_scales=3, axis=1), "ort")
     # ORT's QLinearConv takes one weight zero point for all channels (onnxruntime#8890)
-    assert onnx_qdq.check_qdq(_qdq_model(0, weight_zero_points=[2, 2, 2, 2]), "ort")["weights"] == 1
+    assert check_qdq(_qdq_model(0, weight_zero_points=[2, 2, 2, 2]), "ort")["weights"] == 1
     with pytest.raises(hyfx.HyfxError, match="conv/weight/DequantizeLinear: per-channel weight zero points differ"):
-        onnx_qdq.check_qdq(_qdq_model(0, weight_zero_points=[0, 5, 0, 0]), "ort")
+        check_qdq(_qdq_model(0, weight_zero_points=[0, 5, 0, 0]), "ort")
 
 
 def test_plan_checker_names_the_layer():
     asym = QuantSpec(bits=8, scheme="asymmetric").with_params([0.1], [7])
     plan = QuantPlan("synthetic", {"blocks.0.conv": LayerPolicy(weight=QuantSpec(granularity="channel"), inputs={0: asym})})
     with pytest.raises(hyfx.HyfxError, match=r"blocks\.0\.conv \(input0, a8/te\).*zero point 0"):
-        onnx_qdq.check_plan(plan, "tensorrt")
-    onnx_qdq.check_plan(plan, "ort")
+        check_plan(plan, "tensorrt")
+    check_plan(plan, "ort")
     per_tensor = QuantPlan("synthetic", {"fc": LayerPolicy(weight=QuantSpec(granularity="tensor"))})
     with pytest.raises(hyfx.HyfxError, match="fc .*per output channel"):
-        onnx_qdq.check_plan(per_tensor, "tensorrt")
+        check_plan(per_tensor, "tensorrt")
     asym_channel = QuantPlan("synthetic", {"fc": LayerPolicy(weight=QuantSpec(granularity="channel", scheme="asymmetric"))})
     with pytest.raises(hyfx.HyfxError, match="fc .*per-channel weights only with one zero point"):
-        onnx_qdq.check_plan(asym_channel, "ort")
+        check_plan(asym_channel, "ort")
     four_bit = QuantPlan("synthetic", {"fc": LayerPolicy(weight=QuantSpec(bits=4, granularity="channel"))})
     with pytest.raises(hyfx.HyfxError, match="int8 only, not 4-bit"):
-        onnx_qdq.check_plan(four_bit, "tensorrt")
-    symmetric = onnx_qdq.symmetric_plan(plan)
-    onnx_qdq.check_plan(symmetric, "tensorrt")
+        check_plan(four_bit, "tensorrt")
+    symmetric = symmetric_plan(plan)
+    check_plan(symmetric, "tensorrt")
     # the symmetric activation covers the asymmetric one's range: [(0 - 7) * 0.1, (255 - 7) * 0.1]
     assert symmetric.layers["blocks.0.conv"].inputs[0].scale[0] == pytest.approx(24.8 / 127)
 
@@ -115,7 +122,7 @@ def test_plan_checker_names_the_layer():
 def test_fold_batchnorm_keeps_outputs(tiny):
     _, gm, calib = tiny
     hg = hyfx.analyze(gm)
-    folded, layers = onnx_qdq.fold_batchnorm(hg.gm)
+    folded, layers = fold_batchnorm(hg.gm)
     assert layers == ["conv1", "conv2"]
     assert not any(n.target is torch.ops.aten.batch_norm.default for n in folded.graph.nodes)
     with torch.no_grad():
@@ -131,16 +138,16 @@ def _searched_weight(weight: torch.Tensor, bits: int, factor: float = 0.8) -> Qu
 
 def test_folded_weight_spec_quantizes_exactly_as_before_folding(tiny):
     model, gm, calib = tiny
-    folded, layers = onnx_qdq.fold_batchnorm(hyfx.analyze(gm).gm)
+    folded, layers = fold_batchnorm(hyfx.analyze(gm).gm)
     factor = folded.meta["hyfx_bn_factors"]["conv1"]
     spec = _searched_weight(model.conv1.weight, 7)
-    carried = onnx_qdq.folded_weight_spec(spec, factor)
+    carried = folded_weight_spec(spec, factor)
     w = model.conv1.weight.detach()
     k = factor.reshape(-1, 1, 1, 1)
     torch.testing.assert_close(fake_quant(w * k, carried), k * fake_quant(w, spec), rtol=1e-5, atol=1e-7)
     per_tensor = QuantSpec(bits=7, scheme="symmetric").with_params([0.01], [0])  # becomes per channel
-    assert onnx_qdq.folded_weight_spec(per_tensor, factor).granularity == "channel"
-    assert onnx_qdq.folded_weight_spec(QuantSpec(scheme="asymmetric").with_params([0.1], [3]), factor) is None
+    assert folded_weight_spec(per_tensor, factor).granularity == "channel"
+    assert folded_weight_spec(QuantSpec(scheme="asymmetric").with_params([0.1], [3]), factor) is None
     plan = hyfx.recipes.minmax(gm, calib, w_bits=7, progress=False)
     plan.layers["conv1"] = LayerPolicy(weight=spec, inputs=plan.layers["conv2"].inputs)
     assert "conv1" not in hyfx.export(gm, plan, target="ort").report.reweighted  # the searched scales are kept
@@ -167,13 +174,13 @@ def test_cpu_lowering_keeps_searched_specs_and_still_fuses(monkeypatch):
     model = ConvRelu6().eval()
     calib = [torch.randn(4, 3, 12, 12) for _ in range(2)]
     gm = hyfx.capture(model, calib[0][:1])
-    bits = hort.cpu_weight_bits()
+    bits = cpu_weight_bits()
     plan = QuantPlan("searched", {
         "conv1": LayerPolicy(weight=_searched_weight(model.conv1.weight, bits),
                              inputs={0: QuantSpec(scheme="symmetric").with_params([0.03], [0])}),
         "conv2": LayerPolicy(weight=_searched_weight(model.conv2.weight, bits, 0.9),
                              inputs={0: QuantSpec(scheme="asymmetric").with_params([1.15 * 6 / 255], [0])})})
-    full, hg, _ = hort.cpu_plan(gm, plan, calib)
+    full, hg, _ = cpu_plan(gm, plan, calib)
     assert full.layers["conv1"].inputs[0].zero_point == (128,) and full.layers["conv1"].inputs[0].scale == (0.03,)
     factor = hg.gm.meta["hyfx_bn_factors"]["conv1"]
     assert full.layers["conv1"].weight.scale == pytest.approx((torch.tensor(plan.layers["conv1"].weight.scale)
@@ -219,7 +226,7 @@ def test_log2_softmax_lowerings(tiny):
     x = torch.randn(6, 3, 12, 12, generator=torch.Generator().manual_seed(3))
     outputs = {}
     exported = hyfx.export(gm, plan, target="ort")
-    for mode in onnx_qdq.LOG2_MODES:
+    for mode in LOG2_MODES:
         result = exported.with_log2_mode(mode)
         assert result.report.log2_layers == 1 and result.report.log2_mode == mode
         ops = {n.op_type for n in result.model.graph.node}
@@ -227,7 +234,7 @@ def test_log2_softmax_lowerings(tiny):
                 "fp8": {"QuantizeLinear"}}[mode] <= ops
         got = hort.run(hort.session(result.model, optimize=False), x)
         with torch.no_grad():
-            want = onnx_qdq.log2_mode_graph(result.reference, mode)(x).numpy()
+            want = log2_mode_graph(result.reference, mode)(x).numpy()
         np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max() + 1e-5)
         outputs[mode] = got
     np.testing.assert_allclose(outputs["exact"], outputs["table"], atol=1e-5 * np.abs(outputs["exact"]).max())
@@ -251,20 +258,20 @@ def test_compile_backend_matches_quantized_graph(tiny):
 def test_cpu_int8_lowering_runs_int8_kernels(tiny):
     _, gm, calib = tiny
     plan = hyfx.recipes.minmax(gm, calib, progress=False)
-    result = hort.compile_cpu(gm, plan, calib, thresholds=(0.0, 5.0), runs=3)
+    result = ort_cpu.compile_cpu(gm, plan, calib, thresholds=(0.0, 5.0), runs=3)
     info = result.info
     assert info.weight_bits == (8 if cpu_info().vnni else 7)
     assert [t["threshold"] for t in info.tuning] == [0.0, 5.0] and info.threshold in (0.0, 5.0)
     if info.threshold == 0.0:
         assert set(info.int8_layers) == set(plan.layers) and "act.sigmoid" in " ".join(info.int8_ops)
-    full = hort.cpu_plan(gm, plan, calib)[0]  # every layer int8: the SiLU runs as QLinearSigmoid + QLinearMul
+    full = cpu_plan(gm, plan, calib)[0]  # every layer int8: the SiLU runs as QLinearSigmoid + QLinearMul
     assert any(layer.endswith(".sigmoid") for layer in full.layers)
-    lowered = hyfx.export(hort.cpu_graph(gm), full, target="ort")
+    lowered = hyfx.export(cpu_graph(gm), full, target="ort")
     weights = [numpy_helper.to_array(t) for t in lowered.model.graph.initializer if "_quantized" in t.name]
     signed = [w for w in weights if w.dtype == np.int8]
     assert len(weights) == 4 and max(int(np.abs(w.astype(np.int32)).max()) for w in signed) == 2 ** (info.weight_bits - 1) - 1
     # the transformer layers keep 8-bit weights: uint8 around zero point 128 (u8u8 kernels) where GEMMs need 7 bits
-    exact = hort.exact_weight_layers(hort.cpu_graph(gm))
+    exact = cpu_graph(gm).exact_weight_layers()
     assert set(exact) == {"conv2", "qkv"}  # the bridge conv and the attention projection
     assert full.meta["ort"]["uint8_weights"] == (sorted(exact) if info.weight_bits < 8 else [])
     unsigned = [w for w in weights if w.dtype == np.uint8]
@@ -282,7 +289,7 @@ def test_cpu_int8_lowering_runs_int8_kernels(tiny):
 @pytest.mark.skipif(not htrt.available(), reason=f"TensorRT not run: {htrt.unavailable_reason()}")
 def test_tensorrt_engine_builds_and_times(tiny):
     _, gm, calib = tiny
-    plan = onnx_qdq.symmetric_plan(hyfx.recipes.minmax(gm, calib, progress=False))
+    plan = symmetric_plan(hyfx.recipes.minmax(gm, calib, progress=False))
     result = hyfx.export(gm, plan, target="tensorrt")
     reports = htrt.benchmark(result.model, batches=(1, 4), runs=20)
     assert [r.batch for r in reports] == [1, 4] and all(r.median_ms > 0 and r.engine_bytes > 0 for r in reports)
@@ -301,13 +308,13 @@ def test_ort_parity_on_real_images(lite0):
     """The exported lite0-real agrees with the PyTorch quantized graph in ORT, as Q/DQ ops and as int8 kernels.
 
     7-bit weights: this CPU has no VNNI, where ORT's u8s8 kernels saturate 16-bit pair sums for 8-bit weights
-    (hyfx.backends.ort docstring). The int8 kernels' integer arithmetic rounds differently from float
+    (hyfx.pipelines.ort_cpu docstring). The int8 kernels' integer arithmetic rounds differently from float
     fake quantization, which moves a few near-tied predictions; the Q/DQ-op run shows the lowering is exact.
     """
     gm, calib, evaluation = lite0
     plan = hyfx.recipes.minmax(gm, calib, w_bits=7, a_bits=8, progress=False)
     result = hyfx.export(gm, plan, target="ort")
-    reference = hort.logits(result.reference, evaluation)
+    reference = logits(result.reference, evaluation)
     exact = hort.parity(hort.session(result.model, optimize=False), reference, evaluation)
     kernels = hort.parity(hort.session(result.model), reference, evaluation)
     print("Q/DQ ops:", exact.summary(), "| int8 kernels:", kernels.summary())
@@ -350,7 +357,7 @@ def test_cli_export_tensorrt(capsys, tmp_path, sample_images):
     # random-weight test_vit: logits within ±0.6, top-2 gaps ~0.01, so top-1 agreement is a coin flip here (the
     # real-weight parity test checks agreement); a wrong scale or layout moves logits by their whole range
     assert data["target"] == "tensorrt" and data["parity"]["n"] == 20 and data["parity"]["max_abs_diff"] < 0.3
-    onnx_qdq.check_qdq(onnx.load(str(out)), "tensorrt")
+    check_qdq(onnx.load(str(out)), "tensorrt")
 
 
 def test_cli_cpu_int8_fast_weights_drops_the_exact_8_bit_layers(capsys, tmp_path, sample_images, monkeypatch):
@@ -365,7 +372,7 @@ def test_cli_cpu_int8_fast_weights_drops_the_exact_8_bit_layers(capsys, tmp_path
         seen.append(kwargs.get("exact_weights", "missing"))
         raise hyfx.HyfxError("stopped before lowering")
 
-    monkeypatch.setattr(hort, "compile_cpu", fake_compile_cpu)
+    monkeypatch.setattr(ort_cpu, "compile_cpu", fake_compile_cpu)
     for extra in ([], ["--fast-weights"]):
         assert cli.main(["export", "test_vit", "--plan", str(plan), "--cpu-int8", "--calib", str(sample_images.root),
                          "--out", str(tmp_path / "m.onnx"), *extra]) == 2
@@ -409,7 +416,7 @@ def test_cpu_weight_bits_match_what_the_int8_kernels_run_exactly():
     assert _int8_conv_error(groups=1, channels=4, kernel=1, out_scale=600, uint8_weights=True) == 0
     if not cpu_info().vnni:
         assert _int8_conv_error(groups=1, channels=4, kernel=1, out_scale=600) > 600  # VPMADDUBSW saturates
-    assert hort.cpu_weight_bits(depthwise=True) == 8
+    assert cpu_weight_bits(depthwise=True) == 8
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Conv2d(8, 8, 3, padding=1, groups=8),
                                 torch.nn.Conv2d(8, 8, 3, padding=1, groups=4)).eval()
     gm = hyfx.capture(model, torch.randn(1, 3, 8, 8))

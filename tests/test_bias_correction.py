@@ -11,6 +11,7 @@ from hyfx import zoo
 from hyfx.backends import ort as hort
 from hyfx.data import data_config, example_input, make_loader, split
 from hyfx.evaluate import compare
+from hyfx.pipelines.ort_cpu_plan import cpu_plan
 from hyfx.quant.calibrate import collect
 from hyfx.quant.quantizers import calibrate_weight, fake_quant
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
@@ -101,10 +102,10 @@ def plan_without(plan: QuantPlan) -> QuantPlan:
 def test_cpu_lowering_measures_the_correction_again_for_its_own_weights(conv_head):
     _, hg, calib = conv_head
     plan = correct_bias(hg, hyfx.recipes.minmax(hg, calib, w_bits=8, a_bits=8, progress=False), calib)
-    cpu, _, _ = hort.cpu_plan(hg, plan, calib, weight_bits=4)
+    cpu, _, _ = cpu_plan(hg, plan, calib, weight_bits=4)
     assert cpu.layers["conv"].weight.bits == 4 and cpu.layers["conv"].bias_correction is not None
     assert cpu.layers["conv"].bias_correction != plan.layers["conv"].bias_correction
-    uncorrected, _, _ = hort.cpu_plan(hg, plan_without(plan), calib, weight_bits=4)
+    uncorrected, _, _ = cpu_plan(hg, plan_without(plan), calib, weight_bits=4)
     assert all(p.bias_correction is None for p in uncorrected.layers.values())
 
 

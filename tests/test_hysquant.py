@@ -15,10 +15,23 @@ from hyfx.data import data_config, example_input, make_loader, split
 from hyfx.errors import HyfxError
 from hyfx.evaluate import kl_divergence
 from hyfx.hardware import PROFILES, BitConfig, model_bytes
-from hyfx.mixed.engine import Budget, fit_drop_per_kl, linear_drop, predicted_drop, run_hysquant, search
-from hyfx.mixed.ilp import Constraint, Infeasible, solve
-from hyfx.mixed.pareto import pareto_front
-from hyfx.mixed.sensitivity import Entry, SensitivityTable, build_table, collapse_pruning
+from hyfx.mixed import (
+    Budget,
+    Constraint,
+    Entry,
+    Infeasible,
+    SensitivityTable,
+    build_table,
+    collapse_pruning,
+    fit_drop_per_kl,
+    linear_drop,
+    pareto_front,
+    predicted_drop,
+    run_hysquant,
+    search,
+    solve,
+)
+from hyfx.pipelines.hysquant import OrtTimer
 
 W4, W8 = BitConfig(4, 8), BitConfig(8, 8)
 REAL = "lite0-vit-real"
@@ -160,7 +173,7 @@ def test_accuracy_model_is_linear_when_small_and_saturates():
 
 
 def test_reprice_swaps_latency_and_energy_only():
-    from hyfx.mixed.sensitivity import reprice
+    from hyfx.mixed import reprice
 
     class Halves:
         source = "roofline:fake"
@@ -298,7 +311,7 @@ def test_cli_search_bad_input_is_one_line(capsys, argv, needle):
 def test_ort_timer_measures_plans_on_int8_kernels(lite0):
     """The feedback loop's latency from ONNX Runtime: each plan exported as QDQ and timed against all-W8A8."""
     hg, loaders, table, policies, _ = lite0
-    run = run_hysquant(hg, loaders["calib"], ["bytes=0.8x"], table=table, policies=policies, timer="ort",
+    run = run_hysquant(hg, loaders["calib"], ["bytes=0.8x"], table=table, policies=policies, timer=OrtTimer,
                        model=REAL, progress=False)
     measured = run.result.iterations[-1]["measured"]
     assert run.result.status == "met" and measured["latency_source"] == "measured:ort-cpu-int8"

@@ -12,9 +12,9 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 import hyfx
-from hyfx.backends import onnx_qdq
 from hyfx.backends import ort as hort
 from hyfx.backends.onnx_layout import axis_permutation, fast_steps, fast_transposes, is_slow, merged
+from hyfx.backends.onnx_lower import lower_marks
 
 
 def _apply_steps(x: np.ndarray, sizes: list[int], steps: list) -> np.ndarray:
@@ -133,7 +133,7 @@ def test_ort_export_of_a_mobilevit_block_is_rewritten_and_matches_pytorch():
         want = result.reference(x).numpy()
     got = hort.run(hort.session(result.model, optimize=False), x)  # ORT's Q/DQ ops as written: exact
     assert np.abs(got - want).max() < 1e-5 * np.abs(want).max()
-    plain = onnx_qdq.lower_marks(copy.deepcopy(result.marked), result.points)  # the same export, not rewritten
+    plain = lower_marks(copy.deepcopy(result.marked), result.points)  # the same export, not rewritten
     assert not any(n.name.startswith("hyfx_layout") for n in plain.graph.node)
     assert np.array_equal(hort.run(hort.session(plain), x), hort.run(hort.session(result.model), x))  # int8 kernels
 

@@ -17,7 +17,7 @@ from hyfx.errors import HyfxError
 from hyfx.ops import is_depthwise
 from hyfx.quant.quantizers import fake_quant
 from hyfx.quant.spec import QuantSpec
-from hyfx.quant.targets import check_plan_target, cpu_weight_bits, exact_weight_layers, target_rules
+from hyfx.quant.targets import check_plan_target, cpu_weight_bits, get_target
 from hyfx.search.candidates import HessianObjective, UniformCandidates, grid, search_side
 from hyfx.search.layerwise import _kind
 from hyfx.search.problems import Chain, ChainProblem, ConvLinearProblem, RowsProblem, Side, chain_nodes, uniform_spec
@@ -203,7 +203,7 @@ def tiny():
     images = [torch.randn(4, 3, 16, 16) + 0.3 for _ in range(2)]
     hg = hyfx.analyze(gm)
     plans = {target: hyfx.recipes.qhyvit(hg, images, target=target, full=True, **SMALL)
-             for target in ("fake", "ort", "tensorrt")}
+             for target in ("fake", "ort", "tensorrt", "openvino")}
     return gm, hg, images, plans
 
 
@@ -225,6 +225,29 @@ def test_tensorrt_target_never_emits_a_zero_point(tiny):
         hyfx.recipes.qhyvit(hg, images, w_bits=6, a_bits=6, target="tensorrt", progress=False)
 
 
+def test_openvino_target_searches_symmetric_weights_and_per_tensor_activations_and_lowers(tiny):
+    gm, hg, images, plans = tiny
+    plan = plans["openvino"]
+    specs = list(plan.specs())
+    assert plan.target == "openvino" and len(specs) > 20
+    for layer, role, spec in specs:
+        if role == "weight":
+            assert spec.scheme == "symmetric" and set(spec.zero_point) == {0}, (layer, spec)
+        elif spec.kind == "uniform":
+            assert spec.granularity == "tensor", (layer, role, spec)
+    acts = [s for _, role, s in specs if role != "weight" and s.kind == "uniform"]
+    assert any(s.scheme == "asymmetric" for s in acts)  # u8 activations with a zero point stay in the space
+    with pytest.raises(HyfxError, match="openvino cannot run"):
+        check_plan_target(plans["fake"], "openvino")
+    from hyfx.backends import openvino
+
+    lowered = hyfx.export(hg, plan, target="openvino")
+    got = torch.from_numpy(openvino.run(openvino.compile_model(lowered.model, "f32"), images[0]))
+    with torch.no_grad():
+        want = lowered.reference(images[0])
+    assert (got - want).abs().max() < 0.05 * want.abs().max()
+
+
 def test_ort_target_uses_asymmetric_per_tensor_activations_and_fake_uses_everything(tiny):
     _, hg, images, plans = tiny
     acts = [spec for _, role, spec in plans["ort"].specs() if role != "weight"]
@@ -236,7 +259,7 @@ def test_ort_target_uses_asymmetric_per_tensor_activations_and_fake_uses_everyth
     # weights in the format ORT's CPU kernels run here: symmetric (QLinearConv takes one weight zero point),
     # at the bits they run exactly (7 without VNNI), so the int8 lowering keeps the searched scales
     weights = {layer: spec for layer, role, spec in plans["ort"].specs() if role == "weight"}
-    exact = set(exact_weight_layers(hg))  # the lowering keeps these 8-bit (u8u8 kernels without VNNI)
+    exact = set(hg.exact_weight_layers())  # the lowering keeps these 8-bit (u8u8 kernels without VNNI)
     assert exact and set(weights) - exact
     eight = exact | {layer for layer in weights if is_depthwise(hg.node(layer), hg.gm)}  # depthwise: 32-bit sums
     wrong = {layer: s.short() for layer, s in weights.items()
@@ -249,14 +272,14 @@ def test_ort_target_uses_asymmetric_per_tensor_activations_and_fake_uses_everyth
 
 
 def test_ort_rules_take_narrower_weights_but_no_per_channel_zero_points():
-    rules = target_rules("ort")
+    rules = get_target("ort")
     seven = QuantSpec(bits=7, granularity="channel", scheme="symmetric")
     assert rules.violation(seven, "weight") is None
     assert "runs int8 only" in rules.violation(QuantSpec(bits=7, scheme="asymmetric"), "input0")
     assert "per-channel asymmetric weight" in rules.violation(QuantSpec(granularity="channel", scheme="asymmetric"),
                                                                "weight")
     assert rules.violation(QuantSpec(granularity="tensor", scheme="asymmetric"), "weight") is None
-    assert "runs int8 only" in target_rules("tensorrt").violation(seven, "weight")
+    assert "runs int8 only" in get_target("tensorrt").violation(seven, "weight")
 
 
 def test_bridge_layers_are_scored_at_the_bridge_block_output(tiny):

@@ -16,6 +16,7 @@ from hyfx.data import data_config, example_input, make_loader
 from hyfx.evaluate import compare
 from hyfx.meta import SPLIT_OUTLIERS as META_KEY
 from hyfx.passes.split_outliers import outlier_mask, split_weight_outliers
+from hyfx.pipelines.ort_cpu_plan import cpu_plan
 from hyfx.splits import sample_split
 
 aten = torch.ops.aten
@@ -99,7 +100,7 @@ def test_split_plan_quantizes_better_and_every_consumer_applies_the_split(tmp_pa
     result = hyfx.export(gm, plan, target="ort")
     got = hort.run(hort.session(result.model, optimize=False), x)
     np.testing.assert_allclose(got, result.reference(x).detach().numpy(), atol=1e-4, rtol=0)
-    cpu, graph, _ = hort.cpu_plan(gm, plan, calib)
+    cpu, graph, _ = cpu_plan(gm, plan, calib)
     assert "conv.outliers" in cpu.layers and graph.gm.meta[META_KEY]["layers"]
 
 

@@ -7,12 +7,19 @@ import json
 from pathlib import Path
 
 from hyfx.errors import HyfxError
+from hyfx.quant.targets import available_targets, get_target
+from hyfx.splits import plan_calibration_images
+
+
+def _lowered_targets() -> list[str]:
+    return [name for name in available_targets() if get_target(name).lowering is not None]
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", required=True, help="a plan from `hyfx quantize`")
-    p.add_argument("--target", choices=("ort", "tensorrt"), default="ort")
-    p.add_argument("--out", default="model.onnx")
+    p.add_argument("--target", choices=_lowered_targets(), default="ort",
+                   help="ort / tensorrt: ONNX QDQ; openvino: OpenVINO IR (.xml + .bin)")
+    p.add_argument("--out", help="output file (default model.onnx; model.xml for --target openvino)")
     p.add_argument("--log2-mode", default="exact", choices=("exact", "table", "uniform", "fp8"),
                    help="how log2 post-softmax quantizers are lowered (exact/table: faithful; uniform/fp8: fast)")
     p.add_argument("--symmetric", action="store_true",
@@ -24,7 +31,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="--cpu-int8 without VNNI: 7-bit weights in transformer / bridge layers too (u8s8 kernels; "
                         "a little faster where attention blocks dominate, e.g. MobileViT; less accurate)")
     p.add_argument("--calib", help="image folder for --cpu-int8's extra ranges (the plan's own images are used)")
-    p.add_argument("--check", help="image folder: report ORT parity with PyTorch on --n-check evaluation images")
+    p.add_argument("--check", help="image folder: report the runtime's parity with PyTorch on --n-check evaluation "
+                                   "images (ONNX Runtime, or OpenVINO for --target openvino)")
     p.add_argument("--n-check", type=int, default=100)
     p.add_argument("--json", help="write the export report as JSON")
 
@@ -35,45 +43,49 @@ def export_command(args: argparse.Namespace, gm, config: dict, pool_of) -> int:
     `pool_of(folder)` returns the usable images of a folder (the CLI drops a zoo model's training images).
     """
     import hyfx
-    from hyfx.backends import onnx_qdq
     from hyfx.data import make_loader, split
+    from hyfx.evaluate import Parity
 
+    args.out = args.out or ("model.xml" if args.target == "openvino" else "model.onnx")
     plan = hyfx.load_plan(args.plan)
     if plan.model and plan.model != args.model:
         raise HyfxError(f"plan {args.plan} was made for {plan.model}, not {args.model}: pass the matching model")
     calib_names = plan.meta.get("calibration", {}).get("images", [])
     info = None
     if args.cpu_int8:
-        from hyfx.backends import ort
+        from hyfx.pipelines import ort_cpu
 
         if args.target != "ort":
             raise HyfxError("--cpu-int8 lowers for ONNX Runtime: use --target ort")
         if not args.calib:
             raise HyfxError("--cpu-int8 calibrates the int8 kernels' extra quantizers: pass --calib DIR")
-        pool = pool_of(args.calib)
-        calib = pool.subset([i for i, n in enumerate(pool.names()) if n in set(calib_names)]) if calib_names else None
-        if calib is None or len(calib) == 0:
-            calib, _ = split(pool, 32, seed=0)
-        cpu = ort.compile_cpu(gm, plan, make_loader(calib, config, batch_size=16), path=args.out,
-                              log2_mode=args.log2_mode, exact_weights=[] if args.fast_weights else None)
+        calib = plan_calibration_images(pool_of(args.calib), calib_names)
+        cpu = ort_cpu.compile_cpu(gm, plan, make_loader(calib, config, batch_size=16), path=args.out,
+                                  log2_mode=args.log2_mode, exact_weights=[] if args.fast_weights else None)
         result, info = cpu.export, cpu.info
         print(f"CPU int8 lowering: {len(info.int8_layers)} layers int8, {len(info.fp32_layers)} left FP32 "
               f"(int8 not faster here), {info.weight_bits}-bit weights ({'VNNI' if info.vnni else 'no VNNI'}; "
               f"8-bit in depthwise convs and {len(info.uint8_weight_layers)} transformer / bridge layers)")
     else:
-        result = onnx_qdq.export(gm, plan, args.out, target=args.target, log2_mode=args.log2_mode,
-                                 fold_bn=not args.no_fold_bn, symmetric=args.symmetric)
+        result = hyfx.export(gm, plan, args.out, target=args.target, log2_mode=args.log2_mode,
+                             fold_bn=not args.no_fold_bn, symmetric=args.symmetric)
     print(f"{args.out}: {result.report.summary()}")
     if args.check:
-        from hyfx.backends import ort
-
         pool = pool_of(args.check).without(calib_names)
         if args.n_check < len(pool):
             _, pool = split(pool, len(pool) - args.n_check, seed=0)
         loader = list(make_loader(pool, config, batch_size=25))
         fp32 = hyfx.analyze(gm).gm
-        result.report.parity = ort.parity(result.model, result.reference, loader, fp32=fp32).to_dict()
-        print(ort.Parity(**result.report.parity).summary())
+        if args.target == "openvino":
+            from hyfx.backends import openvino
+
+            parity = openvino.parity(openvino.compile_model(result.model), result.reference, loader, fp32=fp32)
+        else:
+            from hyfx.backends import ort
+
+            parity = ort.parity(result.model, result.reference, loader, fp32=fp32)
+        result.report.parity = parity.to_dict()
+        print(Parity(**result.report.parity).summary())
     if args.json:
         payload = {"model": args.model, "plan": str(args.plan), "out": str(args.out), **result.report.to_dict()}
         if info is not None:

@@ -139,25 +139,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise HyfxError(f"plan {args.plan} was made for {plan.model}, not {args.model}: pass the matching model")
     model = _model(args)
     gm, config = _captured(model)
-    qgm = hyfx.quantize(gm, plan)
+    deployed, label = _deployed(gm, plan, args.backend, args.precision)
     pool = splits.evaluation_images(args.model, args.data, plan.meta.get("calibration", {}).get("images", []),
                                     args.n_eval, seed=args.seed)
     loader = make_loader(pool, config, batch_size=args.batch_size)
-    results = compare(gm, {plan.recipe: qgm}, loader)
+    results = compare(gm, {label: deployed}, loader)
     real = zoo.is_real_weights(args.model) or args.checkpoint is not None
     print(f"{args.model} on {len(pool)} images (calibration images excluded)"
           + ("" if real else " — RANDOM WEIGHTS: accuracy is meaningless, parity only"))
-    print(f"{'model':<16}{'top-1':>8}{'top-5':>8}{'95% CI top-1':>18}{'agree':>8}{'KL':>10}")
+    width = max(16, len(label) + 2)
+    print(f"{'model':<{width}}{'top-1':>8}{'top-5':>8}{'95% CI top-1':>18}{'agree':>8}{'KL':>10}")
     for name, acc in results.items():
         agree = f"{acc.agreement:7.2f}%" if acc.agreement is not None else f"{'':>8}"
         kl = f"{acc.kl:10.4f}" if acc.kl is not None else f"{'':>10}"
         ci = f"[{acc.top1_ci95[0]:.1f}, {acc.top1_ci95[1]:.1f}]"
-        print(f"{name:<16}{acc.top1:7.2f}%{acc.top5:7.2f}%{ci:>18}{agree}{kl}")
+        print(f"{name:<{width}}{acc.top1:7.2f}%{acc.top5:7.2f}%{ci:>18}{agree}{kl}")
     if args.json:
-        payload = {"model": args.model, "plan": str(args.plan), "images": len(pool), "real_weights": real,
+        payload = {"model": args.model, "plan": str(args.plan), "backend": args.backend, "label": label,
+                   "images": len(pool), "real_weights": real,
                    "results": {k: v.to_dict() for k, v in results.items()}}
         Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
     return 0
+
+
+BACKENDS = ("fake", "ort", "openvino")
+
+
+def _deployed(gm: torch.fx.GraphModule, plan: hyfx.QuantPlan, backend: str, precision: str) -> tuple[object, str]:
+    """(images → logits, row label): the plan as PyTorch fake quantization, or lowered and run in its runtime."""
+    if backend == "fake":
+        return hyfx.quantize(gm, plan), plan.recipe
+    if backend == "ort":
+        from hyfx.backends import ort
+
+        sess = ort.session(hyfx.export(gm, plan, target="ort").model)
+        return (lambda images: torch.from_numpy(ort.run(sess, images))), f"{plan.recipe} (ORT)"
+    from hyfx.backends import openvino
+
+    compiled = openvino.compile_model(hyfx.export(gm, plan, target="openvino").model, precision)
+    return openvino.runner(compiled), f"{plan.recipe} (OpenVINO {openvino.inference_precision(compiled)})"
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -263,6 +283,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", required=True)
     p.add_argument("--data", required=True, help="image folder; the plan's calibration images are left out")
     p.add_argument("--n-eval", type=int, help="evaluate on this many images (default: all)")
+    p.add_argument("--backend", choices=BACKENDS, default="fake",
+                   help="where the quantized model runs: fake (PyTorch fake quantization, the plan itself), ort "
+                        "(its ONNX QDQ export in ONNX Runtime) or openvino (in OpenVINO on this CPU)")
+    p.add_argument("--precision", choices=("default", "f32"), default="default",
+                   help="--backend openvino: the float parts' precision (default: the CPU's choice, bf16 on "
+                        "AVX-512 BF16 / AMX CPUs; f32 forces FP32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", help="write the results as JSON")

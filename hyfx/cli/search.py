@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 from pathlib import Path
 
 import torch.fx as fx
 
 import hyfx
-from hyfx.data import ImageSet, make_loader, split, verify_images
+from hyfx.data import ImageSet, make_loader, verify_images
 from hyfx.errors import HyfxError
 from hyfx.hardware import DEFAULT_CONFIGS, BitConfig
-from hyfx.mixed.engine import BUDGET_METRICS, Budget, run_hysquant
-from hyfx.mixed.pareto import pareto_front, plot_front
-from hyfx.mixed.sensitivity import SensitivityTable
+from hyfx.mixed import BUDGET_METRICS, Budget, SensitivityTable, pareto_front, plot_front, run_hysquant
+from hyfx.pipelines.hysquant import TIMERS as TIMER_CLASSES
+from hyfx.splits import search_split
 
 TIMERS = ("none", "ort", "torch")
 
@@ -66,19 +65,9 @@ def check_search_args(args: argparse.Namespace) -> tuple[list[Budget], list[BitC
     return budgets, configs
 
 
-def _three_way(pool: ImageSet, n_calib: int, n_eval: int, n_val: int, seed: int) -> tuple[ImageSet, ...]:
-    calib, rest = split(pool, n_calib, seed=seed)
-    if n_eval + n_val > len(rest):
-        raise HyfxError(f"{n_calib} calibration + {n_eval} table + {n_val} validation images need more than the "
-                        f"{len(pool)} available: lower --n-eval / --n-val")
-    order = list(range(len(rest)))
-    random.Random(seed + 1).shuffle(order)
-    return calib, rest.subset(sorted(order[:n_eval])), rest.subset(sorted(order[n_eval:n_eval + n_val]))
-
-
 def search_command(args: argparse.Namespace, gm: fx.GraphModule, config: dict, pool: ImageSet, real: bool) -> int:
     budgets, configs = check_search_args(args)
-    calib, sens, val = _three_way(pool, args.n_calib, args.n_eval, args.n_val, args.seed)
+    calib, sens, val = search_split(pool, args.n_calib, args.n_eval, args.n_val, args.seed)
     for images in (calib, sens, val):
         verify_images(images)
     loaders = [make_loader(s, config, args.batch_size) if len(s) else None for s in (calib, sens, val)]
@@ -92,7 +81,7 @@ def search_command(args: argparse.Namespace, gm: fx.GraphModule, config: dict, p
     if not real:
         print(f"{args.model} has RANDOM WEIGHTS: accuracy figures are meaningless (mechanics only)")
     run = run_hysquant(hg, loaders[0], budgets, eval_loader=loaders[1], val_loader=loaders[2], configs=configs,
-                       device=args.device, timer=None if args.timer == "none" else args.timer, minimize=args.minimize,
+                       device=args.device, timer=TIMER_CLASSES.get(args.timer), minimize=args.minimize,
                        max_iter=args.max_iter, tolerance=args.tolerance, table=table, model=args.model,
                        observer=args.observer, report=print)
     if args.table and table is None:

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 
 from hyfx.errors import HyfxError
-from hyfx.mixed.engine import Corrections, CostModel, assignment_of, config_counts
+from hyfx.mixed.cost import Corrections, CostModel
+from hyfx.mixed.feedback import assignment_of, config_counts
 from hyfx.mixed.ilp import Constraint, reachable, solve
 from hyfx.mixed.sensitivity import SensitivityTable
 

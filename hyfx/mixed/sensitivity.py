@@ -29,9 +29,9 @@ from hyfx.graph import HybridGraph, analysed
 from hyfx.hardware import DEFAULT_CONFIGS, BitConfig, DeviceProfile, GraphWork, LatencyModel, graph_work
 from hyfx.ops import MATMUL, descendants, mutated_args, weight_arg
 from hyfx.passes.insert_quant import getattr_path
+from hyfx.quant.calibrate import calibrate_activations
 from hyfx.quant.quantizers import calibrate_weight, qd
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
-from hyfx.recipes.minmax import minmax
 
 COLLAPSE_DROP = 10.0  # top-1 points lost by one layer alone at low activation bits that count as a collapse
 
@@ -42,8 +42,8 @@ COLLAPSE_DROP = 10.0  # top-1 points lost by one layer alone at low activation b
 class Policies:
     """The LayerPolicy of every (layer, config): symmetric per-channel weights, calibrated asymmetric inputs.
 
-    Activation ranges come from the minmax (or percentile) recipe run once per activation bit-width, so a
-    searched plan quantizes each layer exactly as that recipe would at the chosen bits.
+    Activation ranges are calibrated once per activation bit-width with the same specs and observer as the minmax
+    (or percentile) recipe, so a searched plan quantizes each layer exactly as that recipe would at the chosen bits.
     """
 
     def __init__(self, hg: HybridGraph, calib_loader: Iterable, configs: Sequence[BitConfig], layers: Sequence[str],
@@ -52,7 +52,11 @@ class Policies:
         self.layers = list(layers)
         self.inputs: dict[int, dict[str, dict[int, QuantSpec]]] = {}
         for a_bits in sorted({c.a_bits for c in configs}):
-            plan = minmax(hg, calib_loader, w_bits=8, a_bits=a_bits, observer=observer, progress=progress)
+            act = QuantSpec(bits=a_bits, granularity="tensor", scheme="asymmetric")
+            plan = QuantPlan(recipe="hysquant")
+            for layer in self.layers:
+                plan.set(layer, LayerPolicy(inputs={0: act, 1: act} if hg.tags(layer)["kind"] == MATMUL else {0: act}))
+            plan = calibrate_activations(hg.gm, plan, calib_loader, observer=observer, progress=progress)
             self.inputs[a_bits] = {layer: dict(plan.layers[layer].inputs) for layer in self.layers}
         self.observer = observer
 

@@ -144,6 +144,7 @@ def ort_models(hg: HybridGraph, calib_loader: Iterable, work: Path, recipes: Seq
     """
     from hyfx.backends import ort as hort
     from hyfx.backends.onnx_layout import fast_transposes
+    from hyfx.pipelines.ort_cpu import compile_cpu
 
     loader = list(calib_loader)
     paths: dict[str, Path] = {}
@@ -174,7 +175,7 @@ def ort_models(hg: HybridGraph, calib_loader: Iterable, work: Path, recipes: Seq
         plan = _ort_plan(hg, recipe, loader)
         key = f"hyfx int8 {recipe}"
         paths[key] = work / f"{stem}_hyfx_{recipe}.onnx"
-        info = hort.compile_cpu(hg, plan, loader, path=paths[key]).info
+        info = compile_cpu(hg, plan, loader, path=paths[key]).info
         notes[key] = (f"{len(info.int8_layers)} layers int8, {len(info.fp32_layers)} FP32, {info.weight_bits}-bit "
                       f"weights ({len(info.uint8_weight_layers)} layers 8-bit u8u8), threshold {info.threshold}")
         _log(f"hyfx {recipe} compiled in {time.perf_counter() - start:.0f} s ({notes[key]})")
@@ -186,18 +187,19 @@ def time_models(paths: dict[str, Path], input_size: Sequence[int], batches: Sequ
     """Median latency of every model, all sessions interleaved run by run; ratios to ORT FP32 and to the
     faster valid quantize_static from the same loop; file bytes."""
     from hyfx.backends import ort as hort
+    from hyfx.timing import median
 
     out: dict[str, dict] = {k: {"bytes": Path(p).stat().st_size} for k, p in paths.items()}
     for batch in batches:
         inputs = np.random.default_rng(0).standard_normal((batch, *input_size)).astype(np.float32)
         sessions = {k: hort.session(p, threads) for k, p in paths.items()}
         for k, v in hort.time_sessions(sessions, inputs, runs=runs, warmup=5).items():
-            out[k][f"bs{batch}_ms"] = hort.median(v) * 1000
+            out[k][f"bs{batch}_ms"] = median(v) * 1000
     if cpu_time:
         inputs = np.random.default_rng(0).standard_normal((1, *input_size)).astype(np.float32)
         sessions = {k: hort.session(p, 1) for k, p in paths.items()}
         for k, v in hort.time_sessions(sessions, inputs, runs=runs, warmup=3, clock=time.thread_time).items():
-            out[k]["bs1_cpu1_ms"] = hort.median(v) * 1000
+            out[k]["bs1_cpu1_ms"] = median(v) * 1000
     metrics = [f"bs{b}_ms" for b in batches] + (["bs1_cpu1_ms"] if cpu_time else [])
     for metric in metrics:
         base = out["ort fp32"][metric]

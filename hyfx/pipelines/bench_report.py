@@ -10,7 +10,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-PAPER_TABLES = Path(__file__).resolve().parent / "reference" / "paper_tables.json"
+PAPER_TABLES = Path(__file__).resolve().parents[1] / "reference" / "paper_tables.json"
 
 EVALUATION_SET = (
     "Evaluation set: the sample folder holds 1000 ImageNet-1k images, **one per class**, not the 50,000-image "

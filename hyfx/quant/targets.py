@@ -39,6 +39,20 @@ class Target:
     cpu_weight_bits: bool = False  # the CPU's int8 GEMM limits weight bits (see `cpu_weight_bits`)
     lowering: str | None = None
     description: str = ""
+    # what its exported model may hold (QDQ export; `export_violation`, hyfx.backends.qdq_rules)
+    title: str = ""  # the runtime's name in messages (default: `name`)
+    float_kinds: tuple[str, ...] = ("log2",)  # lowered as float ops (or approximated), so exported anywhere
+    export_bits: int | None = None  # the only bits its Q/DQ run; None: any (a narrower grid gets a Clip)
+    zero_point_free: bool = False  # symmetric int8 only: every zero point 0
+    shared_channel_zero_point: bool = False  # a per-channel weight takes one zero point for all channels
+    per_channel_weights: bool = False  # weights quantized per output channel (axis 0) only
+    symmetric_weights: bool = False  # weights' zero points must all be 0 (activations may keep theirs)
+    layout_rewrite: bool = False  # rewrite Reshape/Transpose chains for ONNX Runtime's fast paths (onnx_layout)
+    export_types: tuple[str, ...] = ("UINT8", "INT8", "FLOAT8E4M3FN")  # ONNX types of its Q/DQ zero points
+
+    @property
+    def display(self) -> str:
+        return self.title or self.name
 
     def allows_weight(self, granularity: str, scheme: str) -> bool:
         return (granularity in self.weight_granularities and scheme in self.weight_schemes
@@ -66,6 +80,29 @@ class Target:
             return f"a per-{spec.granularity} {spec.scheme} weight (per-channel zero points must all be 0)"
         return None
 
+    def export_violation(self, spec: QuantSpec, role: str) -> str | None:
+        """Why a model exported for this target cannot hold `spec` (a weight, or an activation for any other role),
+        or None. Laxer than `violation` where the lowering copes: float kinds, narrower grids."""
+        if spec.kind in self.float_kinds:
+            return None
+        title = self.display
+        if role != "weight" and spec.granularity not in self.act_granularities:
+            return f"activations must be quantized per {'/'.join(self.act_granularities)} for {self.name}"
+        if self.shared_channel_zero_point and role == "weight" and spec.granularity == "channel" and \
+                spec.scheme != "symmetric" and (not spec.calibrated or len(set(spec.zero_point)) > 1):
+            return (f"{title}'s int8 conv takes per-channel weights only with one zero point; "
+                    f"quantize weights symmetrically (e.g. the recipe's --target {self.name})")
+        if self.export_bits is not None and spec.bits != self.export_bits:
+            return f"{title} runs int{self.export_bits} only, not {spec.bits}-bit; use --bits {self.export_bits}"
+        if self.zero_point_free and (spec.scheme != "symmetric" or (spec.zero_point is not None and any(spec.zero_point))):
+            return f"{title} needs symmetric int8 with zero point 0; use a symmetric plan or export with symmetric=True"
+        if self.per_channel_weights and role == "weight" and (spec.granularity != "channel" or spec.axis != 0):
+            return f"{title} weights must be quantized per output channel (axis 0)"
+        if self.symmetric_weights and role == "weight" and (spec.scheme != "symmetric" or any(spec.zero_point or ())):
+            return (f"{title}'s int8 kernels take symmetric weights (zero point 0); quantize weights symmetrically "
+                    f"(e.g. the recipe's --target {self.name})")
+        return None
+
 
 _TARGETS: dict[str, Target] = {}
 
@@ -89,10 +126,17 @@ def available_targets() -> list[str]:
 register_target(Target("fake", description="PyTorch fake quantization: anything a QuantSpec can say"))
 register_target(Target("ort", act_granularities=("tensor",), bits=8, channel_weight_schemes=("symmetric",),
                        narrower_weights=True, cpu_weight_bits=True, lowering="hyfx.backends.onnx_qdq:export",
-                       description="ONNX Runtime int8: per-tensor activations"))
+                       description="ONNX Runtime int8: per-tensor activations", title="ONNX Runtime",
+                       shared_channel_zero_point=True, layout_rewrite=True))
 register_target(Target("tensorrt", weight_schemes=("symmetric",), act_schemes=("symmetric",),
                        act_granularities=("tensor",), bits=8, kinds=("uniform",),
-                       lowering="hyfx.backends.onnx_qdq:export", description="TensorRT: symmetric int8 only"))
+                       lowering="hyfx.backends.onnx_qdq:export", description="TensorRT: symmetric int8 only",
+                       title="TensorRT", export_bits=8, zero_point_free=True, per_channel_weights=True,
+                       export_types=("INT8", "FLOAT8E4M3FN")))
+register_target(Target("openvino", weight_schemes=("symmetric",), act_granularities=("tensor",), bits=8,
+                       narrower_weights=True, lowering="hyfx.backends.openvino:export", title="OpenVINO",
+                       description="OpenVINO CPU int8: symmetric weights, per-tensor activations",
+                       symmetric_weights=True))
 
 
 def check_bits_for_target(target: str, w_bits: int, a_bits: int) -> None:

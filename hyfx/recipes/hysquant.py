@@ -12,7 +12,7 @@ import torch.fx as fx
 
 from hyfx.graph import HybridGraph
 from hyfx.hardware import DEFAULT_CONFIGS, BitConfig
-from hyfx.mixed.engine import Budget, run_hysquant
+from hyfx.mixed import Budget, run_hysquant
 from hyfx.quant.spec import QuantPlan
 from hyfx.recipes.registry import register
 

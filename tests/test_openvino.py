@@ -1,0 +1,69 @@
+"""OpenVINO lowering: IR that OpenVINO loads, int8 kernels it really runs, numerics equal to PyTorch fake quant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hyfx
+from hyfx import cli
+from hyfx.backends import openvino
+
+
+@pytest.fixture(scope="module")
+def lowered(conv_head, tmp_path_factory):
+    _, hg, calib = conv_head
+    plan = hyfx.recipes.minmax(hg, calib, progress=False)
+    path = tmp_path_factory.mktemp("ov") / "model.xml"
+    return hg, calib, plan, hyfx.export(hg, plan, path, target="openvino"), path
+
+
+def test_ir_loads_and_runs_int8_convs_and_linears(lowered):
+    _, calib, _, result, path = lowered
+    assert path.is_file() and path.with_suffix(".bin").is_file()
+    compiled = openvino.compile_model(openvino.core().read_model(str(path)), "f32")
+    precisions = openvino.runtime_precisions(compiled)
+    assert set(precisions) >= {"Convolution", "FullyConnected"}, precisions
+    assert openvino.int8_fraction(precisions) == 1.0, precisions  # every conv / linear in an int8 kernel
+    assert openvino.inference_precision(compiled) == "f32"
+
+
+@pytest.mark.parametrize("precision", openvino.PRECISIONS)
+def test_openvino_matches_the_pytorch_quantized_graph(lowered, precision):
+    _, calib, _, result, _ = lowered
+    compiled = openvino.compile_model(result.model, precision)
+    loader = [(x, torch.zeros(len(x), dtype=torch.long)) for x in calib]
+    parity = openvino.parity(compiled, result.reference, loader)
+    assert parity.runtime.startswith("OpenVINO") and parity.n == sum(len(x) for x in calib)
+    with torch.no_grad():
+        scale = max(float(result.reference(x).abs().max()) for x in calib)
+    # int8 kernels accumulate exactly; what differs is float rounding of the dequantized output (bf16 where default)
+    assert parity.max_abs_diff < (0.02 if precision == "f32" else 0.1) * scale, parity
+
+
+def test_a_plan_openvino_cannot_run_is_refused_naming_the_layer(conv_head):
+    _, hg, calib = conv_head
+    plan = hyfx.recipes.efficientquant(hg, calib, progress=False)  # asymmetric weights
+    with pytest.raises(hyfx.HyfxError, match=r"plan entry conv .*OpenVINO's int8 kernels take symmetric weights"):
+        hyfx.export(hg, plan, target="openvino")
+    with pytest.raises(hyfx.HyfxError, match=r"written as \.xml \+ \.bin"):
+        hyfx.export(hg, hyfx.recipes.minmax(hg, calib, progress=False), "model.onnx", target="openvino")
+
+
+def test_cli_exports_ir_and_evaluates_it_in_openvino(capsys, tmp_path, sample_images):
+    plan, xml = tmp_path / "plan.json", tmp_path / "model.xml"
+    root = str(sample_images.root)
+    assert cli.main(["quantize", "lite0-real", "--recipe", "minmax", "--target", "openvino", "--calib", root,
+                     "--n-calib", "4", "--out", str(plan)]) == 0
+    assert cli.main(["export", "lite0-real", "--plan", str(plan), "--target", "openvino", "--out", str(xml),
+                     "--check", root, "--n-check", "25"]) == 0
+    out = capsys.readouterr().out
+    assert xml.is_file() and "OpenVINO (" in out and "vs PyTorch quantized on 25 images" in out
+    assert cli.main(["eval", "lite0-real", "--plan", str(plan), "--data", root, "--n-eval", "25", "--backend",
+                     "openvino", "--precision", "f32", "--json", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "minmax (OpenVINO f32)" in out and "fp32" in out
+    import json
+
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["backend"] == "openvino" and data["results"]["minmax (OpenVINO f32)"]["agreement"] >= 80
