@@ -36,6 +36,7 @@ from hyfx import zoo
 from hyfx.cpu import cpu_info
 from hyfx.data import data_config, example_input, make_loader
 from hyfx.pipelines.bench import ort_accuracy, ort_models, time_models
+from hyfx.pipelines.bench_report import fmt
 from hyfx.splits import sample_split
 
 MOBILEVIT = ["mobilevit_xxs", "mobilevit_xs", "mobilevit_s", "mobilevitv2_050", "mobilevitv2_100", "mobilevitv2_200"]
@@ -62,10 +63,6 @@ def evaluate(name: str, paths: dict, config: dict, n_calib: int, n_eval: int | N
     return ort_accuracy(paths, make_loader(evaluation, config, batch_size=50), threads)
 
 
-def _fmt(v, spec=".2f") -> str:
-    return "—" if v is None else format(v, spec)
-
-
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = ["# ONNX Runtime latency: FP32 vs quantize_static vs hyfx int8", "",
@@ -80,10 +77,10 @@ def markdown(report: dict) -> str:
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, data in report["speed"].items():
         for config, v in data["timings"].items():
-            row = [name, config] + [_fmt(v.get(f"bs{b}_ms"), ".1f") for b in batches]
-            row += [_fmt(v.get(f"bs{b}_x_fp32")) for b in batches] + [_fmt(v.get("bs1_x_qs"))]
+            row = [name, config] + [fmt(v.get(f"bs{b}_ms"), ".1f") for b in batches]
+            row += [fmt(v.get(f"bs{b}_x_fp32")) for b in batches] + [fmt(v.get("bs1_x_qs"))]
             if report["cpu_time"]:
-                row += [_fmt(v.get("bs1_cpu1_x_fp32")), _fmt(v.get("bs1_cpu1_x_qs"))]
+                row += [fmt(v.get("bs1_cpu1_x_fp32")), fmt(v.get("bs1_cpu1_x_qs"))]
             row += [f"{v['bytes'] / 1e6:.2f}"]
             lines.append("| " + " | ".join(row) + " |")
         for config, note in data["notes"].items():
@@ -97,8 +94,8 @@ def markdown(report: dict) -> str:
             timings = report["speed"].get(name, {}).get("timings", {})
             for config, acc in data.items():
                 lines.append(f"| {name} | {config} | {acc['n']} | {acc['top1']:.2f} | {acc['top5']:.2f} | "
-                             f"{acc['top1'] - base:+.2f} | {_fmt(acc['agreement'])} | "
-                             f"{_fmt(timings.get(config, {}).get('bs1_x_fp32'))} |")
+                             f"{acc['top1'] - base:+.2f} | {fmt(acc['agreement'])} | "
+                             f"{fmt(timings.get(config, {}).get('bs1_x_fp32'))} |")
     return "\n".join(lines) + "\n"
 
 

@@ -26,7 +26,8 @@ def load_paper_tables(path: str | Path = PAPER_TABLES) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _fmt(value, spec: str = ".2f") -> str:
+def fmt(value, spec: str = ".2f") -> str:
+    """A table cell: `value` formatted, or a dash where there is none."""
     return "—" if value is None else format(value, spec)
 
 
@@ -63,7 +64,7 @@ def method_table(results: Sequence[dict], bits: int, columns: Sequence[tuple[str
                      + " | ".join(_cell(rows.get(key) if key else None, key) for _, key in columns) + " |")
     for p in paper_rows:
         fp32 = p.get("fp32")
-        lines.append(f"| {p['model']} | {p['source']} | {_fmt(fp32)} | "
+        lines.append(f"| {p['model']} | {p['source']} | {fmt(fp32)} | "
                      + " | ".join(_paper_cell(p["values"].get(title), fp32) for title, _ in columns) + " |")
     return lines
 
@@ -95,9 +96,9 @@ def latency_table(results: Sequence[dict]) -> list[str]:
         for config, t in ort["timings"].items():
             a = acc.get(config, {})
             lines.append(f"| {r['model']} | {'real' if r['real_weights'] else 'random'} | {config} | "
-                         f"{_fmt(t.get('bs1_ms'), '.1f')} | {_fmt(t.get('bs8_ms'), '.1f')} | {_fmt(t.get('bs1_x_fp32'))} | "
-                         f"{_fmt(t.get('bs8_x_fp32'))} | {_fmt(t.get('bs1_x_qs'))} | {t['bytes'] / 1e6:.2f} | "
-                         f"{_fmt(a.get('top1'))} | {_fmt(a.get('agreement'))} |")
+                         f"{fmt(t.get('bs1_ms'), '.1f')} | {fmt(t.get('bs8_ms'), '.1f')} | {fmt(t.get('bs1_x_fp32'))} | "
+                         f"{fmt(t.get('bs8_x_fp32'))} | {fmt(t.get('bs1_x_qs'))} | {t['bytes'] / 1e6:.2f} | "
+                         f"{fmt(a.get('top1'))} | {fmt(a.get('agreement'))} |")
         for config, note in ort["notes"].items():
             lines.append(f"| {r['model']} | | {config} | {note} |" + " |" * 7)
     return lines

@@ -12,14 +12,15 @@ bs1, --threads threads, two passes (pass 1 with a 10 ms pause between calls, pas
 For real-weight models, every configuration is also run in its runtime on the evaluation images (calibration and
 training images excluded): top-1 / top-5, agreement with and KL to PyTorch FP32 on the same images.
 
-    python benchmarks/openvino.py                              # MobileViTs (speed) + lite0-real, lite0-vit-real
-    python benchmarks/openvino.py --models mobilevit_xxs --runs 30 --no-accuracy
-Needs the bench extra (`pip install -e ".[bench]"`, NNCF). Writes benchmarks/results/openvino.{json,md,png}.
+    python benchmarks/deployed_int8.py                              # MobileViTs (speed) + lite0-real, lite0-vit-real
+    python benchmarks/deployed_int8.py --models mobilevit_xxs --runs 30 --no-accuracy
+Needs the bench extra (`pip install -e ".[bench]"`, NNCF). Writes benchmarks/results/deployed_int8.{json,md,png}.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ from hyfx.backends import ort as hort
 from hyfx.cpu import cpu_info
 from hyfx.data import data_config, example_input, make_loader
 from hyfx.evaluate import compare
+from hyfx.pipelines.bench_report import fmt
 from hyfx.splits import sample_split
 from hyfx.timing import median, time_interleaved
 
@@ -52,8 +54,8 @@ def _log(line: str) -> None:
 def _nncf_int8(model: ov.Model, calib: list[torch.Tensor]) -> ov.Model:
     import nncf
 
-    dataset = nncf.Dataset([x[None].numpy() for batch in calib for x in batch])
-    return nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(dataset.get_data()))
+    samples = [x[None].numpy() for batch in calib for x in batch]
+    return nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples))
 
 
 def configurations(name: str, recipe: str, n_calib: int, threads: int) -> tuple[dict, dict, object, dict]:
@@ -111,10 +113,6 @@ def deployed_accuracy(name: str, runners: dict, gm, config: dict, n_calib: int, 
     return {k: v.to_dict() for k, v in results.items()}
 
 
-def _fmt(v, spec=".2f") -> str:
-    return "—" if v is None else format(v, spec)
-
-
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = ["# OpenVINO: hyfx int8 against OpenVINO FP32, NNCF int8 and ORT FP32", "",
@@ -130,7 +128,7 @@ def markdown(report: dict) -> str:
     for name, data in report["speed"].items():
         for config, t in data["timings"].items():
             f = data["facts"][config]
-            lines.append(f"| {name} | {config} | {f['precision']} | {_fmt(f.get('int8_fraction'))} | "
+            lines.append(f"| {name} | {config} | {f['precision']} | {fmt(f.get('int8_fraction'))} | "
                          f"{t['pass1_ms']:.2f} | {t['pass1_x_ort_fp32']:.2f} | {t['pass2_x_ort_fp32']:.2f} | "
                          f"{t['alone_over_interleaved']:.2f} |")
     if report["accuracy"]:
@@ -141,7 +139,7 @@ def markdown(report: dict) -> str:
             base = data["fp32"]["top1"]
             for config, acc in data.items():
                 lines.append(f"| {name} | {config} | {acc['n']} | {acc['top1']:.2f} | {acc['top5']:.2f} | "
-                             f"{acc['top1'] - base:+.2f} | {_fmt(acc.get('agreement'))} | {_fmt(acc.get('kl'), '.4f')} |")
+                             f"{acc['top1'] - base:+.2f} | {fmt(acc.get('agreement'))} | {fmt(acc.get('kl'), '.4f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -175,14 +173,14 @@ def main(argv=None) -> int:
     parser.add_argument("--n-calib", type=int, default=32)
     parser.add_argument("--n-eval", type=int, default=None)
     parser.add_argument("--no-accuracy", action="store_true")
-    parser.add_argument("--out", default=str(RESULTS / "openvino"))
+    parser.add_argument("--out", default=str(RESULTS / "deployed_int8"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import onnxruntime
 
     cpu = cpu_info()
     report = {"environment": {"cpu": cpu.model, "cores": os.cpu_count(), "cpu_features": cpu.features(),
-                              "openvino": ov.get_version(), "onnxruntime": onnxruntime.__version__,
+                              "openvino": importlib.metadata.version("openvino"), "onnxruntime": onnxruntime.__version__,
                               "torch": torch.__version__},
               "threads": args.threads, "runs": args.runs, "recipe": args.recipe, "speed": {}, "accuracy": {}}
     out = Path(args.out)
