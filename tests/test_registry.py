@@ -14,8 +14,8 @@ from hyfx.recipes import registry
 def toy(monkeypatch):
     """A toy target (per-tensor 8-bit weights and activations, no log2) and a toy recipe that searches within it,
     registered for one test (the registries are restored after it)."""
-    monkeypatch.setattr(registry, "_RECIPES", dict(registry._RECIPES))
-    monkeypatch.setattr(targets, "_TARGETS", dict(targets._TARGETS))
+    monkeypatch.setattr(registry.RECIPES, "_items", dict(registry.RECIPES._items))
+    monkeypatch.setattr(targets.TARGETS, "_items", dict(targets.TARGETS._items))
 
     hyfx.register_target(hyfx.Target("toy", weight_granularities=("tensor",), act_granularities=("tensor",), bits=8,
                                      kinds=("uniform",)))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from hyfx.cpu import cpu_info
 from hyfx.errors import HyfxError
 from hyfx.quant.spec import QuantPlan, QuantSpec
+from hyfx.registry import Registry
 
 GRANULARITIES = ("tensor", "channel")
 SCHEMES = ("symmetric", "asymmetric")
@@ -104,23 +105,20 @@ class Target:
         return None
 
 
-_TARGETS: dict[str, Target] = {}
+TARGETS: Registry[Target] = Registry("target")
 
 
 def register_target(target: Target) -> Target:
     """Make `target` selectable by name (`--target NAME`, `recipe(target=NAME)`, `hyfx.export(target=NAME)`)."""
-    _TARGETS[target.name] = target
-    return target
+    return TARGETS.add(target.name, target)
 
 
 def get_target(name: str) -> Target:
-    if name not in _TARGETS:
-        raise HyfxError(f"unknown target {name!r}: choose one of {', '.join(available_targets())}")
-    return _TARGETS[name]
+    return TARGETS.get(name)
 
 
 def available_targets() -> list[str]:
-    return list(_TARGETS)
+    return TARGETS.names()
 
 
 register_target(Target("fake", description="PyTorch fake quantization: anything a QuantSpec can say"))

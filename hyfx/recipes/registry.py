@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 import torch.fx as fx
 
-from hyfx.errors import HyfxError
 from hyfx.graph import HybridGraph
 from hyfx.quant.spec import QuantPlan
+from hyfx.registry import Registry
 
 RecipeFn = Callable[..., QuantPlan]  # (graph or HybridGraph, calibration loader, **options) → QuantPlan
 
@@ -34,7 +34,7 @@ class Recipe:
         return self.fn(gm, calib_loader, **options)
 
 
-_RECIPES: dict[str, Recipe] = {}
+RECIPES: Registry[Recipe] = Registry("recipe")
 
 
 def register(name: str, targets: Iterable[str] | None = (), options: Iterable[str] = ()) -> Callable[[RecipeFn], RecipeFn]:
@@ -42,17 +42,15 @@ def register(name: str, targets: Iterable[str] | None = (), options: Iterable[st
 
     def add(fn: RecipeFn) -> RecipeFn:
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
-        _RECIPES[name] = Recipe(name, fn, None if targets is None else tuple(targets), tuple(options), summary)
+        RECIPES.add(name, Recipe(name, fn, None if targets is None else tuple(targets), tuple(options), summary))
         return fn
 
     return add
 
 
 def get(name: str) -> Recipe:
-    if name not in _RECIPES:
-        raise HyfxError(f"unknown recipe {name!r}: choose one of {', '.join(available())}")
-    return _RECIPES[name]
+    return RECIPES.get(name)
 
 
 def available() -> list[str]:
-    return sorted(_RECIPES)
+    return sorted(RECIPES)
