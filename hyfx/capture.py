@@ -118,9 +118,18 @@ def capture(
     """
     if not isinstance(model, torch.nn.Module):
         raise HyfxError(f"capture expects a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor):
+        raise HyfxError(f"capture expects an example input tensor, got {type(example_input).__name__}")
     model = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        expected = model(example_input)
+    try:
+        with torch.no_grad():
+            expected = model(example_input)
+    except Exception as exc:  # noqa: BLE001 - the model's own error, on the input it was given, named in one line
+        wanted = getattr(model, "pretrained_cfg", {}).get("input_size")
+        hint = f"it expects (batch, {', '.join(map(str, wanted))})" if wanted else "check the input shape it expects"
+        raise HyfxError(f"{type(model).__name__} cannot run on an input of shape {tuple(example_input.shape)} "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}): "
+                        f"{hint}") from None
     export_error = None
     leaves: list[str] = []
     try:

@@ -73,5 +73,9 @@ def load_checkpoint(model: torch.nn.Module, path: str, arch: str) -> torch.nn.Mo
     """Load a local state dict file strictly into `model` (architecture name `arch` is for messages)."""
     state = read_state_dict(path)
     check_state_dict(model, state, str(path), arch)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise HyfxError(f"checkpoint {path} holds NaN or Inf values in {len(bad)} tensors ({', '.join(bad[:3])}"
+                        f"{', ...' if len(bad) > 3 else ''}): it cannot be calibrated; pass a checkpoint of finite weights")
     model.load_state_dict(state, strict=True)
     return model

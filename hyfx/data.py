@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import random
 from collections.abc import Sequence
@@ -15,6 +16,8 @@ from timm.data import create_transform, resolve_model_data_config
 from torch.utils.data import DataLoader, Dataset
 
 from hyfx.errors import HyfxError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 LABELS_CSV = "labels.csv"
@@ -53,6 +56,43 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
+def _read_labels_csv(root: Path, labels_csv: Path) -> tuple[list[Path], list[int]]:
+    """(files, class indices) of a labels CSV, every row checked: an integer class index ≥ 0 and a file that exists.
+
+    Images in the folder that the CSV does not list are reported (a warning), not used."""
+    files, labels = [], []
+    try:
+        with labels_csv.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            if not reader.fieldnames or "file" not in reader.fieldnames or "class_index" not in reader.fieldnames:
+                raise HyfxError(f"{labels_csv} must have columns 'file' and 'class_index'")
+            for line, row in enumerate(reader, start=2):
+                name, index = (row.get("file") or "").strip(), (row.get("class_index") or "").strip()
+                try:
+                    label = int(index)
+                except ValueError:
+                    raise HyfxError(f"{labels_csv} line {line}: class_index {index!r} of {name!r} is not an integer: "
+                                    "write the ImageNet class index (0-999)") from None
+                if label < 0:
+                    raise HyfxError(f"{labels_csv} line {line}: class_index {label} of {name!r} is negative: "
+                                    "write the ImageNet class index (0-999)")
+                path = root / name
+                if not name or not path.is_file():
+                    raise HyfxError(f"{labels_csv} line {line}: file {name!r} is not in {root}: "
+                                    "remove the row or add the image")
+                if _is_image(path):
+                    files.append(path)
+                    labels.append(label)
+    except UnicodeDecodeError:
+        raise HyfxError(f"{labels_csv} is not a text CSV: write it with columns 'file' and 'class_index'") from None
+    listed = set(files)
+    unlisted = [p.name for p in sorted(root.iterdir()) if _is_image(p) and p not in listed]
+    if unlisted:
+        log.warning("%d images in %s are not in %s and are left out (e.g. %s)", len(unlisted), root, LABELS_CSV,
+                    ", ".join(unlisted[:3]))
+    return files, labels
+
+
 def load_image_folder(root: str | Path) -> ImageSet:
     """Read either a flat folder with a labels CSV (columns `file`, `class_index`) or class subfolders.
 
@@ -63,16 +103,7 @@ def load_image_folder(root: str | Path) -> ImageSet:
         raise HyfxError(f"image folder {root} does not exist: pass a folder of images (class subfolders or a {LABELS_CSV})")
     labels_csv = root / LABELS_CSV
     if labels_csv.is_file():
-        files, labels = [], []
-        with labels_csv.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            if not reader.fieldnames or "file" not in reader.fieldnames or "class_index" not in reader.fieldnames:
-                raise HyfxError(f"{labels_csv} must have columns 'file' and 'class_index'")
-            for row in reader:
-                path = root / row["file"]
-                if _is_image(path):
-                    files.append(path)
-                    labels.append(int(row["class_index"]))
+        files, labels = _read_labels_csv(root, labels_csv)
     else:
         classes = sorted(d.name for d in root.iterdir() if d.is_dir())
         files, labels = [], []
@@ -106,10 +137,17 @@ def verify_images(images: ImageSet) -> ImageSet:
     return images
 
 
-def split(images: ImageSet, n_calib: int, n_eval: int | None = None, seed: int = 0) -> tuple[ImageSet, ImageSet]:
-    """Disjoint calibration and evaluation subsets drawn by a seeded permutation."""
+def split(images: ImageSet, n_calib: int, n_eval: int | None = None, seed: int = 0,
+          calibration_only: bool = False) -> tuple[ImageSet, ImageSet]:
+    """Disjoint calibration and evaluation subsets drawn by a seeded permutation. `calibration_only`: nothing is
+    evaluated on these images (a separate folder is), so every one of them may calibrate."""
     if n_calib < 1:
         raise HyfxError(f"calibration needs at least one image, got n_calib={n_calib}")
+    if n_calib > len(images):
+        raise HyfxError(f"{n_calib} calibration images asked for, {images.root} has {len(images)} usable: "
+                        "lower --n-calib")
+    if n_calib == len(images) and calibration_only:
+        return images, images.subset([])
     if n_calib >= len(images):
         raise HyfxError(f"n_calib={n_calib} leaves no evaluation images out of {len(images)}: use fewer calibration images")
     order = list(range(len(images)))

@@ -23,7 +23,7 @@ def usable_images(name: str, folder: str | Path) -> ImageSet:
 
 
 def calibration_split(name: str, images: ImageSet, n_calib: int, n_eval: int | None = None, seed: int = 0,
-                      from_training: bool = False) -> tuple[ImageSet, ImageSet]:
+                      from_training: bool = False, calibration_only: bool = False) -> tuple[ImageSet, ImageSet]:
     """Disjoint (calibration, evaluation) images for model `name`; it is never evaluated on images it was trained on.
 
     Calibration is drawn from the held-out images, or with `from_training` from the images the model was trained
@@ -34,7 +34,7 @@ def calibration_split(name: str, images: ImageSet, n_calib: int, n_eval: int | N
     if not len(held_out):
         raise HyfxError(f"every image in {images.root} was used to train {name}: pass other images")
     if not from_training:
-        return split(held_out, n_calib, n_eval, seed=seed)
+        return split(held_out, n_calib, n_eval, seed=seed, calibration_only=calibration_only)
     if n_calib < 1:
         raise HyfxError(f"calibration needs at least one image, got n_calib={n_calib}")
     if not trained:

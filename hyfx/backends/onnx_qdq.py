@@ -27,6 +27,7 @@ from hyfx.backends.onnx_lower import LOG2_MODES, OPSET, lower_marks
 from hyfx.backends.onnx_marks import QuantPoint, mark_to_onnx, marked_graph
 from hyfx.backends.qdq_rules import check_plan, check_qdq
 from hyfx.errors import HyfxError
+from hyfx.files import atomic_path
 from hyfx.graph import HybridGraph, analyze_for
 from hyfx.meta import BN_FACTORS, EXAMPLE_SHAPE
 from hyfx.passes.fold_batchnorm import fold_batchnorm, folded_plan
@@ -94,7 +95,8 @@ class ExportResult:
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        onnx.save(self.model, str(path))
+        with atomic_path(path) as tmp:
+            onnx.save(self.model, str(tmp))
         return path
 
     def with_log2_mode(self, mode: str) -> ExportResult:

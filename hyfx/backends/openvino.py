@@ -28,6 +28,7 @@ from hyfx.backends import onnx_qdq
 from hyfx.backends.onnx_qdq import ExportResult
 from hyfx.errors import HyfxError
 from hyfx.evaluate import Parity, Predictions, runtime_parity
+from hyfx.files import atomic_path
 from hyfx.graph import HybridGraph
 from hyfx.quant.spec import QuantPlan
 
@@ -61,7 +62,13 @@ class OpenVinoExport:
         path = Path(path)
         if path.suffix != ".xml":
             raise HyfxError(f"an OpenVINO IR is written as .xml + .bin: name the output {path.with_suffix('.xml')}")
-        ov.save_model(self.model, str(path), compress_to_fp16=False)
+        with atomic_path(path) as xml_tmp:  # the .xml lands last, so a readable .xml always has its .bin
+            bin_tmp = xml_tmp.with_suffix(".bin")  # OpenVINO reads the weights from the .xml's stem
+            try:
+                ov.save_model(self.model, str(xml_tmp), compress_to_fp16=False)
+                bin_tmp.replace(path.with_suffix(".bin"))
+            finally:
+                bin_tmp.unlink(missing_ok=True)
         return path
 
 

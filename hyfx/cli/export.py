@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from hyfx.errors import HyfxError
+from hyfx.files import check_writable, write_text
 from hyfx.quant.targets import available_targets, get_target
 from hyfx.splits import plan_calibration_images
 
@@ -47,6 +48,9 @@ def export_command(args: argparse.Namespace, gm, config: dict, pool_of) -> int:
     from hyfx.evaluate import Parity
 
     args.out = args.out or ("model.xml" if args.target == "openvino" else "model.onnx")
+    if args.target == "openvino" and Path(args.out).suffix != ".xml":
+        raise HyfxError(f"an OpenVINO IR is written as .xml + .bin: pass --out {Path(args.out).with_suffix('.xml')}")
+    check_writable(args.out, "--out")
     plan = hyfx.load_plan(args.plan)
     if plan.model and plan.model != args.model:
         raise HyfxError(f"plan {args.plan} was made for {plan.model}, not {args.model}: pass the matching model")
@@ -90,5 +94,5 @@ def export_command(args: argparse.Namespace, gm, config: dict, pool_of) -> int:
         payload = {"model": args.model, "plan": str(args.plan), "out": str(args.out), **result.report.to_dict()}
         if info is not None:
             payload["cpu_int8"] = info.to_dict()
-        Path(args.json).write_text(json.dumps(payload, indent=1, default=str) + "\n")
+        write_text(args.json, json.dumps(payload, indent=1, default=str) + "\n")
     return 0

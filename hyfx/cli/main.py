@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -18,6 +19,7 @@ from hyfx.capture import capture_report
 from hyfx.data import data_config, example_input, load_image_folder, make_loader, verify_images
 from hyfx.errors import HyfxError
 from hyfx.evaluate import compare
+from hyfx.files import check_writable, write_text
 from hyfx.graph import HybridGraph
 from hyfx.meta import SPLIT_OUTLIERS as SPLIT_META
 from hyfx.passes.split_outliers import outlier_convs
@@ -47,7 +49,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for path in args.graph:
             print(f"wrote {write_graph(hg, path)}")
     if args.json:
-        Path(args.json).write_text(json.dumps({**_inspect_json(hg), "weight_outliers": outliers}, indent=1) + "\n")
+        write_text(args.json, json.dumps({**_inspect_json(hg), "weight_outliers": outliers}, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
 
@@ -109,11 +111,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         raise HyfxError(f"--split-outliers {args.split_outliers}: give a positive number of standard deviations")
     recipe = hyfx.recipes.get(args.recipe)
     _check_recipe_options(args, recipe, options)
+    calib, _ = splits.calibration_split(args.model, load_image_folder(args.calib), args.n_calib, seed=args.seed,
+                                        from_training=args.calib_from_training, calibration_only=True)
+    verify_images(calib)  # a bad image folder fails before the model is built
     model = _model(args)
     gm, config = _captured(model)
-    calib, _ = splits.calibration_split(args.model, load_image_folder(args.calib), args.n_calib, seed=args.seed,
-                                     from_training=args.calib_from_training)
-    verify_images(calib)
     loader = make_loader(calib, config, batch_size=args.batch_size)
     hg = hyfx.analyze(gm, args.split_outliers)
     plan = hyfx.make_plan(args.recipe, hg, loader, target=args.target, bias_correction=args.bias_correction,
@@ -134,14 +136,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.n_eval is not None and args.n_eval < 1:
+        raise HyfxError(f"--n-eval {args.n_eval}: give a positive number of images (or leave it out to use all)")
     plan = hyfx.load_plan(args.plan)
     if plan.model and plan.model != args.model:
         raise HyfxError(f"plan {args.plan} was made for {plan.model}, not {args.model}: pass the matching model")
-    model = _model(args)
-    gm, config = _captured(model)
-    deployed, label = _deployed(gm, plan, args.backend, args.precision)
     pool = splits.evaluation_images(args.model, args.data, plan.meta.get("calibration", {}).get("images", []),
                                     args.n_eval, seed=args.seed)
+    if not len(pool):
+        raise HyfxError(f"every image in {args.data} calibrated the plan or trained the model: pass other images")
+    verify_images(pool)
+    model = _model(args)
+    classes = getattr(model, "num_classes", None)
+    if classes and max(pool.labels) >= classes:
+        raise HyfxError(f"{args.data} labels an image with class {max(pool.labels)}, beyond {args.model}'s {classes} "
+                        "classes: fix the labels (0-based class indices)")
+    gm, config = _captured(model)
+    deployed, label = _deployed(gm, plan, args.backend, args.precision)
     loader = make_loader(pool, config, batch_size=args.batch_size)
     results = compare(gm, {label: deployed}, loader)
     real = zoo.is_real_weights(args.model) or args.checkpoint is not None
@@ -158,7 +169,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         payload = {"model": args.model, "plan": str(args.plan), "backend": args.backend, "label": label,
                    "images": len(pool), "real_weights": real,
                    "results": {k: v.to_dict() for k, v in results.items()}}
-        Path(args.json).write_text(json.dumps(payload, indent=1) + "\n")
+        write_text(args.json, json.dumps(payload, indent=1) + "\n")
     return 0
 
 
@@ -209,7 +220,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(result: dict) -> None:  # partial results survive an interrupted run
-        out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+        write_text(out.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
 
     torch.set_num_threads(args.threads)
     result = bench_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, folder=args.data,
@@ -217,7 +228,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                          latency=not args.no_latency, runs=args.runs, threads=args.threads, on_update=save)
     save(result)
     report = render([result], title=f"hyfx bench {args.model}")
-    out.with_suffix(".md").write_text(report + "\n")
+    write_text(out.with_suffix(".md"), report + "\n")
     print(report)
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')} ({result['seconds']} s)")
     return 0
@@ -330,14 +341,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every file the command will write is writable (its folder created if missing) before any work is done."""
+    for name in ("out", "json", "front"):
+        if getattr(args, name, None):
+            path = Path(getattr(args, name))
+            check_writable(path.with_suffix(".json") if args.command == "bench" and name == "out" else path,
+                           f"--{name}")
+    for path in getattr(args, "graph", None) or []:
+        check_writable(path, "--graph")
+    if getattr(args, "table", None) and not Path(args.table).is_file():
+        check_writable(args.table, "--table")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="hyfx: %(message)s")
+    if not args.verbose:  # torch's own logs and warnings (e.g. a failed export's graph dump) only with -v
+        for name in ("torch", "torch._dynamo", "torch._export", "torch.export", "torch.fx.experimental.symbolic_shapes"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore")
     try:
+        _check_outputs(args)
         return args.func(args)
     except HyfxError as exc:
         print(f"hyfx: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # every output is written atomically: an interrupted run leaves none behind
+        print("hyfx: interrupted, nothing written", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import torch.fx as fx
 import hyfx
 from hyfx.data import ImageSet, make_loader, verify_images
 from hyfx.errors import HyfxError
+from hyfx.files import write_text
 from hyfx.hardware import DEFAULT_CONFIGS, BitConfig
 from hyfx.mixed import BUDGET_METRICS, Budget, SensitivityTable, pareto_front, plot_front, run_hysquant
 from hyfx.pipelines.hysquant import TIMERS as TIMER_CLASSES
@@ -103,7 +104,7 @@ def search_command(args: argparse.Namespace, gm: fx.GraphModule, config: dict, p
     if args.front:
         fronts = {axis: pareto_front(run.table, axis, corrections=result.corrections) for axis in ("latency", "bytes")}
         path = Path(args.front)
-        path.write_text(json.dumps({"model": args.model, "fp32_top1": result.reference.get("fp32_top1"),
+        write_text(path, json.dumps({"model": args.model, "fp32_top1": result.reference.get("fp32_top1"),
                                     "latency_source": run.table.latency_source, "fronts": fronts}, indent=1) + "\n")
         plot_front(fronts, path.with_suffix(".png"), title=f"{args.model}: HySquant Pareto fronts (predicted)",
                    fp32_top1=result.reference.get("fp32_top1"))

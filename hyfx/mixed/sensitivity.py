@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from hyfx.errors import HyfxError
 from hyfx.evaluate import kl_divergence, topk_correct
+from hyfx.files import write_text
 from hyfx.graph import HybridGraph, analysed
 from hyfx.hardware import DEFAULT_CONFIGS, BitConfig, DeviceProfile, GraphWork, LatencyModel, graph_work
 from hyfx.ops import MATMUL, descendants, mutated_args, weight_arg
@@ -202,7 +203,7 @@ class SensitivityTable:
         stem = Path(stem)
         stem.parent.mkdir(parents=True, exist_ok=True)
         paths = {"json": stem.with_suffix(".json"), "csv": stem.with_suffix(".csv"), "png": stem.with_suffix(".png")}
-        paths["json"].write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        write_text(paths["json"], json.dumps(self.to_dict(), indent=1) + "\n")
         with paths["csv"].open("w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["layer", "kind", "config", "w_bits", "a_bits", "kl", "top1", "top5", "top1_drop",

@@ -7,11 +7,12 @@ saved plan reloads to the same quantized model without the calibration images.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
 from hyfx.errors import HyfxError
+from hyfx.files import write_text
 
 MIN_BITS, MAX_BITS = 2, 8
 PLAN_FORMAT = 1
@@ -19,6 +20,19 @@ PLAN_FORMAT = 1
 Granularity = Literal["tensor", "channel"]
 Scheme = Literal["symmetric", "asymmetric"]
 Kind = Literal["uniform", "log2", "twin"]
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require(condition: bool, where: str, what: str) -> None:
+    if not condition:
+        raise HyfxError(f"{where} {what}")
 
 
 def check_bits(bits: int) -> int:
@@ -103,11 +117,26 @@ class QuantSpec:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> QuantSpec:
+    def from_dict(cls, data: dict, where: str = "spec") -> QuantSpec:
+        """The spec a plan file holds, every field present and of its type (HyfxError naming `where` if not)."""
+        _require(isinstance(data, dict), where, f"is a {type(data).__name__}, not an object")
+        names = {f.name for f in fields(cls)}
+        _require(names <= set(data), where, f"lacks {', '.join(sorted(names - set(data)))}")
+        _require(set(data) <= names, where, f"has unknown fields {', '.join(sorted(set(data) - names))}")
+        for key in ("bits", "axis"):
+            _require(_is_int(data[key]), f"{where}.{key}", f"{data[key]!r} is not an integer")
+        for key in ("granularity", "scheme", "kind"):
+            _require(isinstance(data[key], str), f"{where}.{key}", f"{data[key]!r} is not a string")
+        _require(_is_number(data["eps"]), f"{where}.eps", f"{data['eps']!r} is not a number")
         data = dict(data)
-        for key in ("scale", "zero_point"):
-            if data.get(key) is not None:
+        for key, check in (("scale", _is_number), ("zero_point", _is_int)):
+            if data[key] is not None:
+                _require(isinstance(data[key], list) and data[key] and all(check(v) for v in data[key]),
+                         f"{where}.{key}", f"{data[key]!r} is not a list of {'numbers' if key == 'scale' else 'integers'}")
                 data[key] = tuple(data[key])
+        _require((data["scale"] is None) == (data["zero_point"] is None) and
+                 (data["scale"] is None or len(data["scale"]) == len(data["zero_point"])),
+                 where, "scale and zero_point must both be given, with one value each per channel")
         return cls(**data)
 
 
@@ -149,12 +178,23 @@ class LayerPolicy:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> LayerPolicy:
+    def from_dict(cls, data: dict, where: str = "layer") -> LayerPolicy:
+        _require(isinstance(data, dict), where, f"is a {type(data).__name__}, not an object")
+        known = {"weight", "inputs", "output", "bias_correction", "weight_rounding"}
+        _require({"weight", "inputs", "output"} <= set(data), where, "needs weight, inputs and output (null if unused)")
+        _require(set(data) <= known, where, f"has unknown fields {', '.join(sorted(set(data) - known))}")
+        inputs = data["inputs"]
+        _require(isinstance(inputs, dict) and all(str(k).isdigit() for k in inputs), f"{where}.inputs",
+                 "must map argument indices to specs")
         correction = data.get("bias_correction")
+        _require(correction is None or (isinstance(correction, list) and all(_is_number(v) for v in correction)),
+                 f"{where}.bias_correction", "must be a list of numbers")
+        _require(isinstance(data.get("weight_rounding"), (str, type(None))), f"{where}.weight_rounding",
+                 "must be a string")
         return cls(
-            weight=QuantSpec.from_dict(data["weight"]) if data.get("weight") else None,
-            inputs={int(k): QuantSpec.from_dict(v) for k, v in (data.get("inputs") or {}).items()},
-            output=QuantSpec.from_dict(data["output"]) if data.get("output") else None,
+            weight=QuantSpec.from_dict(data["weight"], f"{where}.weight") if data["weight"] is not None else None,
+            inputs={int(k): QuantSpec.from_dict(v, f"{where}.inputs.{k}") for k, v in inputs.items()},
+            output=QuantSpec.from_dict(data["output"], f"{where}.output") if data["output"] is not None else None,
             bias_correction=tuple(float(v) for v in correction) if correction is not None else None,
             weight_rounding=data.get("weight_rounding"),
         )
@@ -211,9 +251,13 @@ class QuantPlan:
     def from_dict(cls, data: dict) -> QuantPlan:
         if data.get("format") != PLAN_FORMAT:
             raise HyfxError(f"plan format {data.get('format')!r} is not {PLAN_FORMAT}: re-run `hyfx quantize` to remake it")
+        for key, kind in (("recipe", str), ("model", str), ("target", str), ("meta", dict), ("layers", dict)):
+            _require(key in data or key in ("model", "target", "meta"), "plan", f"lacks its {key!r} field")
+            _require(key not in data or isinstance(data[key], kind), f"plan {key!r}",
+                     f"{data.get(key)!r} is not a{'n object' if kind is dict else ' string'}")
         return cls(
             recipe=data["recipe"],
-            layers={k: LayerPolicy.from_dict(v) for k, v in data["layers"].items()},
+            layers={k: LayerPolicy.from_dict(v, f"layer {k}") for k, v in data["layers"].items()},
             model=data.get("model", ""),
             target=data.get("target", "fake"),
             meta=data.get("meta", {}),
@@ -224,9 +268,8 @@ class QuantPlan:
 
 
 def save_plan(plan: QuantPlan, path: str | Path) -> Path:
-    path = Path(path)
-    path.write_text(plan.to_json())
-    return path
+    """Write the plan as JSON, atomically (an interrupted save leaves the previous file as it was)."""
+    return write_text(path, plan.to_json())
 
 
 def load_plan(path: str | Path) -> QuantPlan:
@@ -237,4 +280,12 @@ def load_plan(path: str | Path) -> QuantPlan:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise HyfxError(f"plan file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    return QuantPlan.from_dict(data)
+    try:
+        if not isinstance(data, dict):
+            raise TypeError(f"a JSON {type(data).__name__}, not an object")
+        return QuantPlan.from_dict(data)
+    except HyfxError as exc:
+        raise HyfxError(f"plan file {path}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # fields removed or retyped by hand
+        what = f"missing field {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise HyfxError(f"plan file {path} is malformed ({what}): remake it with `hyfx quantize`") from None
