@@ -25,6 +25,7 @@ def _bad(capsys, argv: list[str], needle: str, code: int = 2, leaves: tuple = ()
     assert needle in lines[0], lines[0]
     for path in leaves:
         assert not path.exists(), path
+    print(f"\nBAD INPUT {' '.join(str(a) for a in argv)[:150]}\n  -> {lines[0]}")  # the answers, for -s
     return lines[0]
 
 
