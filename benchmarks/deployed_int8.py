@@ -40,7 +40,7 @@ from hyfx.data import data_config, example_input, make_loader
 from hyfx.evaluate import compare
 from hyfx.pipelines.bench_report import fmt
 from hyfx.splits import sample_split
-from hyfx.timing import median, time_interleaved
+from hyfx.timing import alone_over_interleaved, median, time_interleaved
 
 MODELS = ["mobilevit_xxs", "mobilevit_s", "mobilevitv2_100", "lite0-real", "lite0-vit-real"]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -100,10 +100,9 @@ def time_configs(runners: dict, shape: tuple, runs: int) -> dict:
             out[k][f"{label}_ms"] = round(median(v) * 1000, 3)
             out[k][f"{label}_x_ort_fp32"] = round(base / median(v), 3)
             out[k][f"{label}_p10_p90_ms"] = [round(float(np.percentile(v, q)) * 1000, 3) for q in (10, 90)]
-    for k, fn in calls.items():  # alone, with a pause: does the interleaved loop distort it?
-        alone = median(time_interleaved({k: fn}, runs=runs, warmup=5, pause=0.01)[k])
-        out[k]["alone_ms"] = round(alone * 1000, 3)
-        out[k]["alone_over_interleaved"] = round(alone * 1000 / out[k]["pass1_ms"], 3)
+        if label == "pass1":
+            for k, ratio in alone_over_interleaved(calls, times, runs=runs).items():
+                out[k]["alone_over_interleaved"] = round(ratio, 3)
     return out
 
 

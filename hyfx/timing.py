@@ -41,3 +41,12 @@ def median(values: list[float]) -> float:
 def median_time(fn: Callable[[], object], repeats: int = 7, warmup: int = 2) -> float:
     """Median wall time of `fn()` over `repeats` runs after `warmup` untimed runs, in seconds."""
     return median(time_interleaved({"fn": fn}, runs=repeats, warmup=warmup)["fn"])
+
+
+def alone_over_interleaved(calls: Mapping[str, Callable[[], object]], interleaved: Mapping[str, list[float]],
+                           runs: int = 30, warmup: int = 5, pause: float = 0.01) -> dict[str, float]:
+    """Per call, its median timed alone (a `pause` between runs) over its median in `interleaved`: 1.0 says the shared
+    loop did not distort it; well below 1 says something in the loop (a spinning thread pool, another runtime's
+    threads) slowed it there."""
+    return {name: median(time_interleaved({name: fn}, runs=runs, warmup=warmup, pause=pause)[name])
+            / median(interleaved[name]) for name, fn in calls.items()}
