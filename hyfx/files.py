@@ -20,6 +20,9 @@ def check_writable(path: str | Path, what: str = "output") -> Path:
     path = Path(path)
     if path.is_dir():
         raise HyfxError(f"{what} {path} is a folder: pass a file name")
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise HyfxError(f"cannot write {what} {path}: {blocking} is a file, not a folder; pass a path in a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".check"):

@@ -246,7 +246,7 @@ def test_output_in_a_folder_that_cannot_be_written(capsys, tmp_path, images):
     locked = tmp_path / "locked"
     locked.mkdir()
     (locked / "file").write_text("")
-    _bad(capsys, _quantize(images, locked / "file" / "p.json"), "cannot write --out")
+    _bad(capsys, _quantize(images, locked / "file" / "p.json"), "is a file, not a folder")
 
 
 def test_output_that_is_a_folder(capsys, tmp_path, images):
