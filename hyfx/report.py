@@ -7,6 +7,7 @@ from pathlib import Path
 import networkx as nx
 
 from hyfx.errors import HyfxError
+from hyfx.files import atomic_path, write_text
 from hyfx.graph import HybridGraph
 from hyfx.meta import TAGS
 
@@ -80,7 +81,8 @@ def _draw(hg: HybridGraph, path: Path) -> None:
     ax.set_title("blocks: blue = CNN, orange = Transformer, red = Transformer entered through a bridge block")
     ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
 
 
@@ -89,7 +91,7 @@ def write_graph(hg: HybridGraph, path: str | Path) -> Path:
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix == ".dot":
-        path.write_text(_dot(hg))
+        write_text(path, _dot(hg))
     elif suffix in (".png", ".svg"):
         _draw(hg, path)
     else:

@@ -292,3 +292,15 @@ def test_capture_with_an_input_of_the_wrong_rank_names_the_shape():
 
     with pytest.raises(hyfx.HyfxError, match=r"cannot run on an input of shape \(3, 224, 224\).*expects \(batch, 3"):
         hyfx.capture(timm.create_model(TINY), torch.randn(3, 224, 224))
+
+
+def test_a_model_that_cannot_be_captured_is_one_line():
+    class DataDependent(torch.nn.Module):
+        def forward(self, x):
+            if x.sum() > 0:  # control flow on values, in forward itself
+                return x * 2
+            return x
+
+    with pytest.raises(hyfx.HyfxError, match="cannot trace DataDependent.*make it static") as info:
+        hyfx.capture(DataDependent(), torch.randn(1, 3, 8, 8))
+    assert "\n" not in str(info.value)

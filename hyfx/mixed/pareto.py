@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from hyfx.errors import HyfxError
+from hyfx.files import atomic_path
 from hyfx.mixed.cost import Corrections, CostModel
 from hyfx.mixed.feedback import assignment_of, config_counts
 from hyfx.mixed.ilp import Constraint, reachable, solve
@@ -73,6 +74,7 @@ def plot_front(fronts: dict[str, list[dict]], path: str | Path, title: str = "",
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
     return Path(path)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from hyfx.errors import HyfxError
 from hyfx.evaluate import kl_divergence, topk_correct
-from hyfx.files import write_text
+from hyfx.files import atomic_path, write_text
 from hyfx.graph import HybridGraph, analysed
 from hyfx.hardware import DEFAULT_CONFIGS, BitConfig, DeviceProfile, GraphWork, LatencyModel, graph_work
 from hyfx.ops import MATMUL, descendants, mutated_args, weight_arg
@@ -204,7 +204,7 @@ class SensitivityTable:
         stem.parent.mkdir(parents=True, exist_ok=True)
         paths = {"json": stem.with_suffix(".json"), "csv": stem.with_suffix(".csv"), "png": stem.with_suffix(".png")}
         write_text(paths["json"], json.dumps(self.to_dict(), indent=1) + "\n")
-        with paths["csv"].open("w", newline="") as fh:
+        with atomic_path(paths["csv"]) as tmp, tmp.open("w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["layer", "kind", "config", "w_bits", "a_bits", "kl", "top1", "top5", "top1_drop",
                              "latency_s", "energy", "weight_bytes", "latency_source", "allowed"])
@@ -259,7 +259,8 @@ def heatmap(table: SensitivityTable, path: str | Path) -> Path:
     title = f"{table.model}: per-layer sensitivity" + (" (text: top-1 drop, points)" if drop is not None else "")
     ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=130)
     plt.close(fig)
     return Path(path)
 
