@@ -7,7 +7,7 @@ from pathlib import Path
 import networkx as nx
 
 from hyfx.errors import HyfxError
-from hyfx.files import atomic_path, write_text
+from hyfx.files import save_figure, write_text
 from hyfx.graph import HybridGraph
 from hyfx.meta import TAGS
 
@@ -80,10 +80,7 @@ def _draw(hg: HybridGraph, path: Path) -> None:
                      node_shape="s", edge_color="#777777")
     ax.set_title("blocks: blue = CNN, orange = Transformer, red = Transformer entered through a bridge block")
     ax.axis("off")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def write_graph(hg: HybridGraph, path: str | Path) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from hyfx.errors import HyfxError
-from hyfx.files import atomic_path
+from hyfx.files import save_figure
 from hyfx.mixed.cost import Corrections, CostModel
 from hyfx.mixed.feedback import assignment_of, config_counts
 from hyfx.mixed.ilp import Constraint, reachable, solve
@@ -73,8 +73,5 @@ def plot_front(fronts: dict[str, list[dict]], path: str | Path, title: str = "",
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, dpi=130)
     return Path(path)

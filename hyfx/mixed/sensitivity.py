@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from hyfx.errors import HyfxError
 from hyfx.evaluate import kl_divergence, topk_correct
-from hyfx.files import atomic_path, write_text
+from hyfx.files import atomic_path, save_figure, write_text
 from hyfx.graph import HybridGraph, analysed
 from hyfx.hardware import DEFAULT_CONFIGS, BitConfig, DeviceProfile, GraphWork, LatencyModel, graph_work
 from hyfx.ops import MATMUL, descendants, mutated_args, weight_arg
@@ -258,10 +258,7 @@ def heatmap(table: SensitivityTable, path: str | Path) -> Path:
     fig.colorbar(im, ax=ax, label="log10 KL(FP32 ‖ layer quantized alone)")
     title = f"{table.model}: per-layer sensitivity" + (" (text: top-1 drop, points)" if drop is not None else "")
     ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, dpi=130)
     return Path(path)
 
 
