@@ -78,7 +78,7 @@ def configurations(name: str, recipe: str, n_calib: int, threads: int) -> tuple[
         f"hyfx {recipe} int8": hov.compile_model(hyfx.export(hg, plan, target="openvino").model, "default", threads),
     }
     sess = hort.session(fp32_onnx, threads)
-    runners = {BASELINE: lambda images: torch.from_numpy(hort.run(sess, images))}
+    runners = {BASELINE: hort.runner(sess)}
     facts = {BASELINE: {"runtime": "onnxruntime", "precision": "f32"}}
     for key, c in compiled.items():
         runners[key] = hov.runner(c)

@@ -11,6 +11,13 @@ from hyfx.data import ImageSet, find_sample_dir, load_image_folder, split
 from hyfx.errors import HyfxError
 
 
+def _at_most(images: ImageSet, n: int | None, seed: int) -> ImageSet:
+    """`n` of the images drawn with `seed` (the ones `split` leaves after drawing the others), or all of them."""
+    if n is None or n >= len(images):
+        return images
+    return split(images, len(images) - n, seed=seed)[1]
+
+
 def usable_images(name: str, folder: str | Path) -> ImageSet:
     """The images of `folder` minus those model `name` was trained on (a zoo hybrid's distillation set)."""
     images = load_image_folder(folder)
@@ -45,9 +52,7 @@ def calibration_split(name: str, images: ImageSet, n_calib: int, n_eval: int | N
         raise HyfxError(f"calibration from training images: {images.root} holds {len(training)} of {name}'s "
                         f"training images, fewer than the {n_calib} asked for: ask for fewer")
     calib = training if len(training) == n_calib else split(training, n_calib, seed=seed)[0]
-    if n_eval is not None and n_eval < len(held_out):
-        _, held_out = split(held_out, len(held_out) - n_eval, seed=seed)
-    return calib, held_out
+    return calib, _at_most(held_out, n_eval, seed)
 
 
 def sample_split(name: str, folder: str | Path | None = None, n_calib: int = 32, n_eval: int | None = None,
@@ -63,18 +68,14 @@ def evaluation_images(name: str, folder: str | Path, calibration: list[str], n_e
                       seed: int = 0) -> ImageSet:
     """The images of `folder` a plan calibrated on `calibration` (file names) may be evaluated on: neither those
     nor the model's training images; `n_eval` of them (drawn with `seed`) when fewer are asked for."""
-    pool = usable_images(name, folder).without(calibration)
-    if n_eval is not None and n_eval < len(pool):
-        _, pool = split(pool, len(pool) - n_eval, seed=seed)
-    return pool
+    return _at_most(usable_images(name, folder).without(calibration), n_eval, seed)
 
 
 def plan_calibration_images(pool: ImageSet, calibration: list[str], n_calib: int = 32, seed: int = 0) -> ImageSet:
     """The images of `pool` a plan was calibrated on (its recorded file names), or `n_calib` drawn from `pool` when it
     records none or none of them are there."""
-    wanted = set(calibration)
-    images = pool.subset([i for i, n in enumerate(pool.names()) if n in wanted]) if calibration else None
-    if images is None or len(images) == 0:
+    images = pool.only(calibration)
+    if len(images) == 0:
         images, _ = split(pool, n_calib, seed=seed)
     return images
 

@@ -27,7 +27,7 @@ import torch.fx as fx
 from hyfx.backends import onnx_qdq
 from hyfx.backends.onnx_qdq import ExportResult
 from hyfx.errors import HyfxError
-from hyfx.evaluate import Parity, Predictions, runtime_parity
+from hyfx.evaluate import Parity, runtime_parity
 from hyfx.files import atomic_path
 from hyfx.graph import HybridGraph
 from hyfx.quant.spec import QuantPlan
@@ -117,15 +117,6 @@ def runner(compiled: ov.CompiledModel):
         return torch.from_numpy(request.get_output_tensor(0).data.copy())
 
     return call
-
-
-def predict(compiled: ov.CompiledModel, loader: Iterable) -> Predictions:
-    call = runner(compiled)
-    logits, labels = [], []
-    for images, target in loader:
-        logits.append(call(images))
-        labels.append(torch.as_tensor(target))
-    return Predictions(torch.cat(logits), torch.cat(labels))
 
 
 def runtime_precisions(compiled: ov.CompiledModel) -> dict[str, dict[str, int]]:

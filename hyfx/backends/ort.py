@@ -55,6 +55,11 @@ def run(sess: ort.InferenceSession, images: torch.Tensor) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: images.numpy()})[0]
 
 
+def runner(sess: ort.InferenceSession):
+    """`images → logits` in the session (what `hyfx.evaluate.predict` / `compare` call)."""
+    return lambda images: torch.from_numpy(run(sess, images))
+
+
 def predict(sess: ort.InferenceSession, loader: Iterable) -> Predictions:
     logits, labels = [], []
     for images, target in loader:
@@ -70,7 +75,7 @@ def parity(model: onnx.ModelProto | ort.InferenceSession, reference: torch.nn.Mo
     `reference` / `fp32` may be modules or their logits over `loader` already computed (see `logits`).
     """
     sess = model if isinstance(model, ort.InferenceSession) else session(model, threads)
-    return runtime_parity(lambda images: torch.from_numpy(run(sess, images)), reference, loader, fp32, runtime="ORT")
+    return runtime_parity(runner(sess), reference, loader, fp32, runtime="ORT")
 
 
 # ---------------------------------------------------------------------------------------------- timing

@@ -9,7 +9,7 @@ from pathlib import Path
 from hyfx.errors import HyfxError
 from hyfx.files import check_writable, write_text
 from hyfx.quant.targets import available_targets, get_target
-from hyfx.splits import plan_calibration_images
+from hyfx.splits import evaluation_images, plan_calibration_images
 
 
 def _lowered_targets() -> list[str]:
@@ -44,7 +44,7 @@ def export_command(args: argparse.Namespace, gm, config: dict, pool_of) -> int:
     `pool_of(folder)` returns the usable images of a folder (the CLI drops a zoo model's training images).
     """
     import hyfx
-    from hyfx.data import make_loader, split
+    from hyfx.data import make_loader
     from hyfx.evaluate import Parity
 
     args.out = args.out or ("model.xml" if args.target == "openvino" else "model.onnx")
@@ -75,9 +75,7 @@ def export_command(args: argparse.Namespace, gm, config: dict, pool_of) -> int:
                              fold_bn=not args.no_fold_bn, symmetric=args.symmetric)
     print(f"{args.out}: {result.report.summary()}")
     if args.check:
-        pool = pool_of(args.check).without(calib_names)
-        if args.n_check < len(pool):
-            _, pool = split(pool, len(pool) - args.n_check, seed=0)
+        pool = evaluation_images(args.model, args.check, calib_names, args.n_check, seed=0)
         loader = list(make_loader(pool, config, batch_size=25))
         fp32 = hyfx.analyze(gm).gm
         if args.target == "openvino":

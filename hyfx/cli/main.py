@@ -183,8 +183,7 @@ def _deployed(gm: torch.fx.GraphModule, plan: hyfx.QuantPlan, backend: str, prec
     if backend == "ort":
         from hyfx.backends import ort
 
-        sess = ort.session(hyfx.export(gm, plan, target="ort").model)
-        return (lambda images: torch.from_numpy(ort.run(sess, images))), f"{plan.recipe} (ORT)"
+        return ort.runner(ort.session(hyfx.export(gm, plan, target="ort").model)), f"{plan.recipe} (ORT)"
     from hyfx.backends import openvino
 
     compiled = openvino.compile_model(hyfx.export(gm, plan, target="openvino").model, precision)
@@ -217,7 +216,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.bits, args.methods, args.no_ablation, args.no_full, args.runs = [8], ["minmax", "qhyvit"], True, True, 10
     rows = variants(args.methods or METHODS, ablation=not args.no_ablation, full=not args.no_full)
     out = Path(args.out or f"bench_{args.model}")
-    out.parent.mkdir(parents=True, exist_ok=True)
 
     def save(result: dict) -> None:  # partial results survive an interrupted run
         write_text(out.with_suffix(".json"), json.dumps(result, indent=1) + "\n")
