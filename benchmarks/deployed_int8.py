@@ -2,13 +2,18 @@
 
 Per model, each configuration is a compiled runtime model, all timed in one interleaved loop (`hyfx.timing`),
 bs1, --threads threads, two passes (pass 1 with a 10 ms pause between calls, pass 2 without), medians of --runs:
-- ORT FP32 (spinning off), OpenVINO FP32 at INFERENCE_PRECISION_HINT=f32 and at OpenVINO's default precision
-  (bf16 on CPUs with AVX-512 BF16 / AMX: said in the table), NNCF int8 (`nncf.quantize`, ModelType.TRANSFORMER,
-  same calibration images) and hyfx int8 in OpenVINO (`hyfx quantize --recipe R --target openvino`, lowered with
-  `hyfx.export(..., target="openvino")`), the int8 ones at the default precision for their float parts;
+- ORT FP32 (spinning off), ORT quantize_static (QDQ, u8 activations, s8 per-channel weights), hyfx int8 in
+  ORT (`hyfx quantize --target ort` lowered by `hyfx export --cpu-int8`);
+- OpenVINO FP32 at INFERENCE_PRECISION_HINT=f32 and at OpenVINO's default precision (bf16 on CPUs with AVX-512
+  BF16 / AMX: said in the table), NNCF int8 (`nncf.quantize`, ModelType.TRANSFORMER, same calibration images)
+  and hyfx int8 in OpenVINO (`hyfx quantize --recipe R --target openvino`, lowered with `hyfx.export(...,
+  target="openvino")`), the int8 ones at the default precision for their float parts;
 - each is also timed alone afterwards, and the alone / interleaved ratio is reported (1.0 = the loop did not
   distort it);
-- which compute layers run int8 is read from each compiled model's execution graph.
+- which compute layers run int8 is read from each compiled model's execution graph, and where each OpenVINO model
+  spends its time from the CPU plugin's per-layer performance counters (`hyfx.backends.openvino_profile`).
+hyfx's plans take bias correction (--no-bias-correction: none) and, with --split-outliers, the outlier split, as
+`hyfx quantize` does.
 For real-weight models, every configuration is also run in its runtime on the evaluation images (calibration and
 training images excluded): top-1 / top-5, agreement with and KL to PyTorch FP32 on the same images.
 
@@ -24,6 +29,7 @@ import importlib.metadata
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -34,6 +40,7 @@ import torch
 import hyfx
 from hyfx import zoo
 from hyfx.backends import openvino as hov
+from hyfx.backends import openvino_profile
 from hyfx.backends import ort as hort
 from hyfx.cpu import cpu_info
 from hyfx.data import data_config, example_input, make_loader
@@ -58,34 +65,51 @@ def _nncf_int8(model: ov.Model, calib: list[torch.Tensor]) -> ov.Model:
     return nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples))
 
 
-def configurations(name: str, recipe: str, n_calib: int, threads: int) -> tuple[dict, dict, object, dict]:
+def configurations(name: str, recipe: str, n_calib: int, threads: int, bias_correction: bool = True,
+                   split_outliers: float | None = None, work: Path | None = None) -> tuple[dict, dict, object, dict]:
     """{config: callable(images) → logits}, {config: facts}, the captured graph and the data config."""
+    from hyfx.pipelines.ort_cpu import compile_cpu
+
     model = zoo.create(name)
     config = data_config(model)
     gm = hyfx.capture(model, example_input(config))
     calib, _ = sample_split(name, n_calib=n_calib)
     loader = list(make_loader(calib, config, batch_size=16))
-    hg = hyfx.analyze(gm)
-    start = time.perf_counter()
-    plan = hyfx.make_plan(recipe, hg, loader, target="openvino", progress=False)
-    plan_s = time.perf_counter() - start
+    hg = hyfx.analyze(gm, split_outliers)
+    plans, plan_s = {}, {}
+    for target in ("openvino", "ort"):
+        start = time.perf_counter()
+        plans[target] = hyfx.make_plan(recipe, hg, loader, target=target, bias_correction=bias_correction,
+                                       progress=False)
+        plan_s[target] = round(time.perf_counter() - start, 1)
+    label = f"hyfx {recipe}{'+bc' if bias_correction else ''}"
     fp32_onnx = hort.fp32_model(gm)
     fp32_ov = hov.read_onnx(fp32_onnx)
-    compiled = {
-        "ov fp32 (f32)": hov.compile_model(fp32_ov, "f32", threads),
-        "ov fp32 (default)": hov.compile_model(fp32_ov, "default", threads),
-        "nncf int8": hov.compile_model(_nncf_int8(fp32_ov, [b[0] for b in loader]), "default", threads),
-        f"hyfx {recipe} int8": hov.compile_model(hyfx.export(hg, plan, target="openvino").model, "default", threads),
+    ov_models = {
+        "ov fp32 (f32)": (fp32_ov, "f32"),
+        "ov fp32 (default)": (fp32_ov, "default"),
+        "nncf int8": (_nncf_int8(fp32_ov, [b[0] for b in loader]), "default"),
+        f"{label} int8 (ov)": (hyfx.export(hg, plans["openvino"], target="openvino").model, "default"),
     }
-    sess = hort.session(fp32_onnx, threads)
-    runners = {BASELINE: hort.runner(sess)}
-    facts = {BASELINE: {"runtime": "onnxruntime", "precision": "f32"}}
-    for key, c in compiled.items():
-        runners[key] = hov.runner(c)
-        precisions = hov.runtime_precisions(c)
-        facts[key] = {"runtime": "openvino", "precision": hov.inference_precision(c), "layers": precisions,
-                      "int8_fraction": round(hov.int8_fraction(precisions), 3)}
-    facts[f"hyfx {recipe} int8"]["plan_seconds"] = round(plan_s, 1)
+    qs_path = hort.ort_quantize_static(fp32_onnx, loader, work / f"{name}_qs.onnx", quant_format="qdq")
+    lowered = compile_cpu(hg, plans["ort"], loader)
+    cpu = lowered.info
+    ort_models = {BASELINE: fp32_onnx, "ort quantize_static": qs_path, f"{label} int8 (ort)": lowered.export.model}
+    runners, facts = {}, {}
+    for key, onnx_model in ort_models.items():
+        runners[key] = hort.runner(hort.session(onnx_model, threads))
+        facts[key] = {"runtime": "onnxruntime", "precision": "f32"}
+    facts[f"{label} int8 (ort)"].update(plan_seconds=plan_s["ort"], int8_layers=len(cpu.int8_layers),
+                                        fp32_layers=len(cpu.fp32_layers))
+    x = np.random.default_rng(0).standard_normal((1, *config["input_size"])).astype(np.float32)
+    for key, (ov_model, precision) in ov_models.items():
+        compiled = hov.compile_model(ov_model, precision, threads)
+        runners[key] = hov.runner(compiled)
+        precisions = hov.runtime_precisions(compiled)
+        profile = openvino_profile.summary(openvino_profile.layer_times(ov_model, x, precision, threads))
+        facts[key] = {"runtime": "openvino", "precision": hov.inference_precision(compiled), "layers": precisions,
+                      "int8_fraction": round(hov.int8_fraction(precisions), 3), "profile": profile}
+    facts[f"{label} int8 (ov)"]["plan_seconds"] = plan_s["openvino"]
     return runners, facts, gm, config
 
 
@@ -130,6 +154,16 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {config} | {f['precision']} | {fmt(f.get('int8_fraction'))} | "
                          f"{t['pass1_ms']:.2f} | {t['pass1_x_ort_fp32']:.2f} | {t['pass2_x_ort_fp32']:.2f} | "
                          f"{t['alone_over_interleaved']:.2f} |")
+    lines += ["", "## Where OpenVINO's time goes (per-layer performance counters, bs1, medians of 20 runs)", "",
+              "Sum of the layers' times (profiling on, so a little above the timed latency); share of it in int8 "
+              "kernels; the three costliest layer kinds (type and kernel precision, share of the sum).", "",
+              "| model | config | layers ms | int8 share | costliest kinds |", "|---|---|---|---|---|"]
+    for name, data in report["speed"].items():
+        for config, f in data["facts"].items():
+            if "profile" in f:
+                p = f["profile"]
+                kinds = ", ".join(f"{k} {v['share']:.0%}" for k, v in list(p["by_kind"].items())[:3])
+                lines.append(f"| {name} | {config} | {p['total_ms']:.2f} | {p['int8_ms_share']:.0%} | {kinds} |")
     if report["accuracy"]:
         lines += ["", "## Deployed accuracy (each model run in its runtime; evaluation images only)", "",
                   "| model | config | images | top-1 | top-5 | Δtop-1 vs FP32 | agreement | KL |",
@@ -172,6 +206,8 @@ def main(argv=None) -> int:
     parser.add_argument("--n-calib", type=int, default=32)
     parser.add_argument("--n-eval", type=int, default=None)
     parser.add_argument("--no-accuracy", action="store_true")
+    parser.add_argument("--no-bias-correction", action="store_true", help="hyfx's plans without bias correction")
+    parser.add_argument("--split-outliers", type=float, default=None, metavar="SIGMA", help="as hyfx quantize's")
     parser.add_argument("--out", default=str(RESULTS / "deployed_int8"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -184,8 +220,10 @@ def main(argv=None) -> int:
               "threads": args.threads, "runs": args.runs, "recipe": args.recipe, "speed": {}, "accuracy": {}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    work = tempfile.TemporaryDirectory()
     for name in args.models:
-        runners, facts, gm, config = configurations(name, args.recipe, args.n_calib, args.threads)
+        runners, facts, gm, config = configurations(name, args.recipe, args.n_calib, args.threads,
+                                                    not args.no_bias_correction, args.split_outliers, Path(work.name))
         timings = time_configs(runners, (1, *config["input_size"]), args.runs)
         report["speed"][name] = {"timings": timings, "facts": facts, "real_weights": zoo.is_real_weights(name)}
         _log(f"{name}: ×ORT FP32 " + ", ".join(f"{k} {v['pass1_x_ort_fp32']}/{v['pass2_x_ort_fp32']}"

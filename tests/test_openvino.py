@@ -67,3 +67,25 @@ def test_cli_exports_ir_and_evaluates_it_in_openvino(capsys, tmp_path, sample_im
 
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["backend"] == "openvino" and data["results"]["minmax (OpenVINO f32)"]["agreement"] >= 80
+
+
+def test_profile_says_which_kernels_ran_int8_and_where_the_time_went(lowered):
+    from hyfx.backends import openvino_profile
+
+    _, calib, _, result, _ = lowered
+    x = calib[0][:1].numpy()
+    times = openvino_profile.layer_times(result.model, x, "f32", runs=3, warmup=1)
+    convs = [t for t in times if t.node_type in ("Convolution", "FullyConnected")]
+    assert convs and all(t.precision in ("i8", "u8") for t in convs), convs
+    summary = openvino_profile.summary(times, top=3)
+    assert summary["total_ms"] > 0 and 0 < summary["int8_ms_share"] <= 1
+    assert abs(sum(v["share"] for v in summary["by_kind"].values()) - 1) < 0.01
+    assert len(summary["slowest"]) == 3 and summary["slowest"][0]["ms"] >= summary["slowest"][-1]["ms"]
+    from hyfx.backends import ort
+
+    float_times = openvino_profile.layer_times(openvino.read_onnx(ort.fp32_model(lowered[0])), x, "f32", runs=2,
+                                               warmup=1)
+    assert not any(t.precision in ("i8", "u8") for t in float_times)
+    assert openvino_profile.kernel_precision("brgconv_avx512_amx_I8") == "i8"
+    assert openvino_profile.kernel_precision("jit_avx512_FP32") == "f32"
+    assert openvino_profile.kernel_precision("undef") == ""

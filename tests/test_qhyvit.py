@@ -237,6 +237,14 @@ def test_openvino_target_searches_symmetric_weights_and_per_tensor_activations_a
             assert spec.granularity == "tensor", (layer, role, spec)
     acts = [s for _, role, s in specs if role != "weight" and s.kind == "uniform"]
     assert any(s.scheme == "asymmetric" for s in acts)  # u8 activations with a zero point stay in the space
+    # a MatMul of two activations runs int8 in OpenVINO only without zero points (else a float Subtract and a
+    # float attention): the search keeps them zero-point free there, and would not otherwise
+    def matmul_zero_points(p):
+        return [zp for layer, policy in p.layers.items() if policy.weight is None and 1 in policy.inputs
+                for spec in policy.inputs.values() for zp in spec.zero_point]
+
+    assert matmul_zero_points(plan) and set(matmul_zero_points(plan)) == {0}
+    assert set(matmul_zero_points(plans["fake"])) != {0}
     with pytest.raises(HyfxError, match="openvino cannot run"):
         check_plan_target(plans["fake"], "openvino")
     from hyfx.backends import openvino

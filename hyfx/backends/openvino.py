@@ -89,11 +89,14 @@ def export(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, path: str | Path |
 
 
 def compile_model(model: ov.Model | str | Path, precision: str = "default",
-                  threads: int = DEFAULT_THREADS) -> ov.CompiledModel:
-    """The model compiled for this CPU with `threads` inference threads, at `precision` ("default" or "f32")."""
+                  threads: int = DEFAULT_THREADS, profiling: bool = False) -> ov.CompiledModel:
+    """The model compiled for this CPU with `threads` inference threads, at `precision` ("default" or "f32");
+    `profiling` turns on the per-layer performance counters (`hyfx.backends.openvino_profile`)."""
     if precision not in PRECISIONS:
         raise HyfxError(f"unknown OpenVINO precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if profiling:
+        config["PERF_COUNT"] = "YES"
     if precision == "f32":
         config["INFERENCE_PRECISION_HINT"] = "f32"
     return core().compile_model(model if isinstance(model, ov.Model) else str(model), "CPU", config)

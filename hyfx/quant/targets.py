@@ -48,6 +48,9 @@ class Target:
     shared_channel_zero_point: bool = False  # a per-channel weight takes one zero point for all channels
     per_channel_weights: bool = False  # weights quantized per output channel (axis 0) only
     symmetric_weights: bool = False  # weights' zero points must all be 0 (activations may keep theirs)
+    # a MatMul of two activations runs int8 only when neither input has a zero point (else it runs, in float):
+    # a search prefers symmetric inputs there, or asymmetric ones of a non-negative range (zero point 0)
+    zero_point_free_matmul: bool = False
     layout_rewrite: bool = False  # rewrite Reshape/Transpose chains for ONNX Runtime's fast paths (onnx_layout)
     export_types: tuple[str, ...] = ("UINT8", "INT8", "FLOAT8E4M3FN")  # ONNX types of its Q/DQ zero points
 
@@ -134,7 +137,7 @@ register_target(Target("tensorrt", weight_schemes=("symmetric",), act_schemes=("
 register_target(Target("openvino", weight_schemes=("symmetric",), act_granularities=("tensor",), bits=8,
                        narrower_weights=True, lowering="hyfx.backends.openvino:export", title="OpenVINO",
                        description="OpenVINO CPU int8: symmetric weights, per-tensor activations",
-                       symmetric_weights=True))
+                       symmetric_weights=True, zero_point_free_matmul=True))
 
 
 def check_bits_for_target(target: str, w_bits: int, a_bits: int) -> None:

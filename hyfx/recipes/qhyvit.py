@@ -25,7 +25,7 @@ from collections.abc import Iterable
 import torch.fx as fx
 
 from hyfx.graph import HybridGraph
-from hyfx.ops import is_depthwise
+from hyfx.ops import MATMUL, is_depthwise
 from hyfx.quant.spec import QuantPlan
 from hyfx.quant.targets import GRANULARITIES, SCHEMES, Target, check_bits_for_target, get_target
 from hyfx.recipes.registry import register
@@ -83,6 +83,9 @@ def qhyvit(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int
     def options(layer: str, node: fx.Node, side_name: str, side: Side) -> list:
         role = "weight" if side_name == "weight" else "input"
         grans, schemes = space[role]
+        if role == "input" and rules.zero_point_free_matmul and float(side.lo.min()) < 0 \
+                and hg.tags(layer)["kind"] == MATMUL:
+            schemes = ("symmetric",)
         if side.axis is None or side.channels < 2:
             grans = ("tensor",)
         bits = edge_bits if layer in edges else (w_bits if role == "weight" else a_bits)
