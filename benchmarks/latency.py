@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         _log(f"note: {args.runs} runs (< 30) per measurement")
     torch.set_num_threads(args.threads)
     real = args.real if args.real is not None else (
-        ["lite0-real"] + (["lite0-vit-real"] if zoo.HYBRID_CHECKPOINT.is_file() else []))
+        ["lite0-real"] + zoo.built_hybrids())
     if args.no_accuracy:
         real = []
     import onnxruntime

@@ -48,7 +48,8 @@ def _log(line: str) -> None:
 
 
 def real_models() -> list[str]:
-    return ["lite0-real"] + (["lite0-vit-real"] if zoo.HYBRID_CHECKPOINT.is_file() else [])
+    """lite0-real (the CNN the first hybrid grew from) and every hybrid whose checkpoint is present."""
+    return ["lite0-real"] + zoo.built_hybrids()
 
 
 # ---------------------------------------------------------------------------------------------- HySquant

