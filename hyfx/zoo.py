@@ -120,14 +120,6 @@ def build_lite_real(n: int) -> torch.nn.Module:
     return model.eval()
 
 
-def build_lite0_real() -> torch.nn.Module:
-    return build_lite_real(0)
-
-
-def _lite0_skeleton() -> torch.nn.Module:
-    return lite_skeleton(0)
-
-
 # ---------------------------------------------------------------------------------------------- hybrids
 
 
@@ -141,7 +133,6 @@ def hybrid_card_path(name: str) -> Path:
 
 
 HYBRID_CHECKPOINT = hybrid_checkpoint("lite0-vit-real")
-HYBRID_CARD = hybrid_card_path("lite0-vit-real")
 
 
 def hybrid_card(name: str) -> dict:
@@ -175,10 +166,6 @@ def build_zoo_hybrid(name: str) -> torch.nn.Module:
     model = build_hybrid(build_lite_real(_teacher_variant(name)), hybrid_grafts(name))
     load_new_blocks(model, path, HYBRIDS[name].arch)
     return model.eval()
-
-
-def build_lite0_vit_real() -> torch.nn.Module:
-    return build_zoo_hybrid("lite0-vit-real")
 
 
 def _hybrid_training_images(name: str) -> list[str]:
