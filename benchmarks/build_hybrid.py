@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = args.out / spec.checkpoint
     torch.save(hybrid.new_blocks_state(model), checkpoint)
     metrics["hybrid_top1_full_model"] = full_model_top1(spec, checkpoint, grafts, held_pil, eval_tf, labels)
-    n = spec.teacher.removeprefix("lite").removesuffix("-real")
+    n = spec.teacher_variant
     card = {
         "name": spec.name,
         "arch": spec.arch,

@@ -65,9 +65,10 @@ def _nncf_int8(model: ov.Model, calib: list[torch.Tensor]) -> ov.Model:
     return nncf.quantize(model, nncf.Dataset(samples), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(samples))
 
 
-def configurations(name: str, recipe: str, n_calib: int, threads: int, bias_correction: bool = True,
-                   split_outliers: float | None = None, work: Path | None = None) -> tuple[dict, dict, object, dict]:
-    """{config: callable(images) → logits}, {config: facts}, the captured graph and the data config."""
+def configurations(name: str, recipe: str, n_calib: int, threads: int, work: Path, bias_correction: bool = True,
+                   split_outliers: float | None = None) -> tuple[dict, dict, object, dict]:
+    """{config: callable(images) → logits}, {config: facts}, the captured graph and the data config; ORT's own
+    quantized model is written under `work`."""
     from hyfx.pipelines.ort_cpu import compile_cpu
 
     model = zoo.create(name)
@@ -222,8 +223,8 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = tempfile.TemporaryDirectory()
     for name in args.models:
-        runners, facts, gm, config = configurations(name, args.recipe, args.n_calib, args.threads,
-                                                    not args.no_bias_correction, args.split_outliers, Path(work.name))
+        runners, facts, gm, config = configurations(name, args.recipe, args.n_calib, args.threads, Path(work.name),
+                                                    not args.no_bias_correction, args.split_outliers)
         timings = time_configs(runners, (1, *config["input_size"]), args.runs)
         report["speed"][name] = {"timings": timings, "facts": facts, "real_weights": zoo.is_real_weights(name)}
         _log(f"{name}: ×ORT FP32 " + ", ".join(f"{k} {v['pass1_x_ort_fp32']}/{v['pass2_x_ort_fp32']}"

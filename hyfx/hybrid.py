@@ -80,6 +80,11 @@ class HybridSpec:
     def default_set(self) -> str:
         return next(iter(self.graft_sets))
 
+    @property
+    def teacher_variant(self) -> int:
+        """n of the teacher lite{n}-real."""
+        return int(self.teacher.removeprefix("lite").removesuffix("-real"))
+
 
 # lite0 stage 4 runs at stride 16 (112 ch, 14x14 at 224 px) and stage 5 at stride 32 (192 ch, 7x7).
 # "last-block" replaces the last residual block of each stage; "two-block" the last two, which leaves more for

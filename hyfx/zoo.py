@@ -55,10 +55,6 @@ def lite_package_weights(n: int = 0) -> Path:
     return Path(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
-def lite0_package_weights() -> Path:
-    return lite_package_weights(0)
-
-
 # efficientnet_pytorch names the layers of a block by role; timm names them by position, and the two block
 # kinds (depthwise-separable stage 0, inverted residual elsewhere) number their BNs differently.
 _DS_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
@@ -150,12 +146,8 @@ def hybrid_grafts(name: str) -> tuple[Graft, ...]:
     return spec.graft_sets[spec.default_set]
 
 
-def _teacher_variant(name: str) -> int:
-    return int(HYBRIDS[name].teacher.removeprefix("lite").removesuffix("-real"))
-
-
 def _hybrid_skeleton(name: str) -> torch.nn.Module:
-    return build_hybrid(lite_skeleton(_teacher_variant(name)), hybrid_grafts(name))
+    return build_hybrid(lite_skeleton(HYBRIDS[name].teacher_variant), hybrid_grafts(name))
 
 
 def build_zoo_hybrid(name: str) -> torch.nn.Module:
@@ -163,7 +155,7 @@ def build_zoo_hybrid(name: str) -> torch.nn.Module:
     path = hybrid_checkpoint(name)
     if not path.is_file():
         raise HyfxError(f"checkpoint {path} is missing: rebuild it with benchmarks/build_hybrid.py --model {name}")
-    model = build_hybrid(build_lite_real(_teacher_variant(name)), hybrid_grafts(name))
+    model = build_hybrid(build_lite_real(HYBRIDS[name].teacher_variant), hybrid_grafts(name))
     load_new_blocks(model, path, HYBRIDS[name].arch)
     return model.eval()
 

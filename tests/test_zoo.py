@@ -47,7 +47,7 @@ def test_zoo_lists_entries():
 
 def test_mapping_fills_every_timm_key_with_the_right_shape():
     model = timm.create_model("tf_efficientnet_lite0")
-    raw = torch.load(zoo.lite0_package_weights(), map_location="cpu", weights_only=True)
+    raw = torch.load(zoo.lite_package_weights(0), map_location="cpu", weights_only=True)
     mapped = zoo.map_efficientnet_pytorch_keys(raw, model)
     expected = model.state_dict()
     assert set(mapped) == set(expected)

@@ -34,6 +34,7 @@ from hyfx.quant.spec import QuantPlan
 
 PRECISIONS = ("default", "f32")  # default: what the CPU prefers (bf16 with AVX-512 BF16 / AMX), f32: forced
 DEFAULT_THREADS = 2
+INT8 = ("u8", "i8")  # the precisions of OpenVINO's int8 kernels
 _COMPUTE = ("Convolution", "GroupConvolution", "FullyConnected", "MatMul", "Deconvolution")
 
 
@@ -137,7 +138,7 @@ def runtime_precisions(compiled: ov.CompiledModel) -> dict[str, dict[str, int]]:
 def int8_fraction(precisions: dict[str, dict[str, int]]) -> float:
     """The share of compute layers that run an int8 kernel."""
     total = sum(sum(c.values()) for c in precisions.values())
-    int8 = sum(n for c in precisions.values() for p, n in c.items() if p in ("u8", "i8"))
+    int8 = sum(n for c in precisions.values() for p, n in c.items() if p in INT8)
     return int8 / total if total else 0.0
 
 

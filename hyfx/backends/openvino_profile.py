@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import openvino as ov
 
-from hyfx.backends.openvino import DEFAULT_THREADS, compile_model
+from hyfx.backends.openvino import DEFAULT_THREADS, INT8, compile_model
 
 # exec_type ends in the kernel's precision: brgconv_avx512_amx_I8, jit_avx512_FP32, brgemm_avx512_amx_bf16, ...
 _PRECISION = re.compile(r"_(i8|u8|bf16|f16|f32|fp32|fp16|i32)$", re.IGNORECASE)
@@ -69,7 +69,7 @@ def summary(times: list[LayerTime], top: int = 10) -> dict:
     total = sum(t.ms for t in times)
     by_kind = {k: {"ms": round(sum(v), 3), "layers": len(v), "share": round(sum(v) / total, 3) if total else 0.0}
                for k, v in sorted(groups.items(), key=lambda kv: -sum(kv[1]))}
-    int8 = sum(t.ms for t in times if t.precision in ("i8", "u8"))
+    int8 = sum(t.ms for t in times if t.precision in INT8)
     slowest = sorted(times, key=lambda t: -t.ms)[:top]
     return {"total_ms": round(total, 3), "int8_ms_share": round(int8 / total, 3) if total else 0.0,
             "by_kind": by_kind, "slowest": [t.to_dict() | {"ms": round(t.ms, 3)} for t in slowest]}
