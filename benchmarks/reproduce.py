@@ -19,6 +19,7 @@ import argparse
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -40,7 +41,8 @@ from mixed_precision import TestSet, splits  # noqa: E402  (the HySquant benchma
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADLINE_METHODS = [("MinMax", "minmax"), ("EasyQuant", "easyquant"), ("PTQ4ViT", "ptq4vit"),
-                    ("EfficientQuant", "efficientquant"), ("Q-HyViT", "qhyvit"), ("Q-HyViT (full)", "qhyvit (full)")]
+                    ("EfficientQuant", "efficientquant"), ("RepQ-ViT", "repqvit"), ("HyQ", "hyq"),
+                    ("Q-HyViT", "qhyvit"), ("Q-HyViT (full)", "qhyvit (full)")]
 
 
 def _log(line: str) -> None:
@@ -223,6 +225,50 @@ def plot_accuracy_latency(report: dict, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- report
 
 
+PEERS = ("NNCF int8 (OpenVINO)", "ORT quantize_static (QDQ, per-channel)")
+
+
+def peer_rows(name: str, threads: int, work: Path, n_calib: int = 32) -> dict:
+    """Deployed W8A8 accuracy of the tools a practitioner would pick instead, on the calibration and evaluation
+    images hyfx's recipes get (`sample_split`): NNCF (`ModelType.TRANSFORMER`) run in OpenVINO at its default
+    precision, and ONNX Runtime's `quantize_static` (QDQ, u8 activations, s8 per-channel weights) run in ORT."""
+    from deployed_int8 import _nncf_int8
+
+    from hyfx.backends import openvino as hov
+    from hyfx.backends import ort as hort
+    from hyfx.evaluate import compare
+
+    model = zoo.create(name)
+    config = data_config(model)
+    gm = hyfx.capture(model, example_input(config))
+    calib, evaluation = sample_split(name, n_calib=n_calib)
+    loader = list(make_loader(calib, config, batch_size=16))
+    fp32_onnx = hort.fp32_model(gm)
+    compiled = hov.compile_model(_nncf_int8(hov.read_onnx(fp32_onnx), [b[0] for b in loader]), "default", threads)
+    qs = hort.ort_quantize_static(fp32_onnx, loader, work / f"{name}_quantize_static.onnx", quant_format="qdq")
+    runners = {PEERS[0]: hov.runner(compiled), PEERS[1]: hort.runner(hort.session(qs, threads))}
+    results = compare(gm, runners, make_loader(evaluation, config, batch_size=16), progress=False)
+    rows = {k: v.to_dict() for k, v in results.items()}
+    rows[PEERS[0]]["precision"] = hov.inference_precision(compiled)
+    return rows
+
+
+def peers_table(report: dict) -> list[str]:
+    lines = ["| model | n | FP32 top-1 | tool | top-1 (Δ) | top-5 | agreement | KL |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["models"]:
+        rows = r.get("peers")
+        if not rows:
+            continue
+        fp = rows["fp32"]
+        for tool in PEERS:
+            row = rows.get(tool)
+            if row:
+                lines.append(f"| {r['model']} | {fp['n']} | {fp['top1']:.2f} | {tool} | {row['top1']:.2f} "
+                             f"({row['top1'] - fp['top1']:+.2f}) | {row['top5']:.2f} | {row['agreement']:.2f}% | "
+                             f"{row['kl']:.4f} |")
+    return lines
+
+
 def headline(report: dict) -> list[str]:
     """One row per real model: FP32, then each method's W8A8 / W6A6 top-1 change, and the best hyfx int8 speed."""
     lines = ["| model | n | FP32 top-1 [95% CI] | bits | " + " | ".join(t for t, _ in HEADLINE_METHODS)
@@ -249,6 +295,10 @@ def markdown(report: dict) -> str:
              "gives top-1 / top-5 with 95% intervals, agreement and KL. Q-HyViT (full) also quantizes softmax and "
              "norm inputs.", "", f"![top-1 change per method]({report['plots']['headline']})", ""]
     lines += render(report["models"], paper, title="The seed papers' tables", level=2).splitlines() + [""]
+    if any(r.get("peers") for r in report["models"]):
+        lines += ["## The tools a practitioner would use instead (W8A8, deployed)", "",
+                  "Same calibration and evaluation images as the recipes above, each model run in its runtime.", "",
+                  *peers_table(report), ""]
     if report.get("speed_only"):
         lines += ["### Latency / size of models without trained weights (speed only)", "",
                   *latency_table(report["speed_only"]), ""]
@@ -323,6 +373,8 @@ def main() -> int:
     parser.add_argument("--fresh-table", action="store_true", help="rebuild the HySquant table even if one matches")
     parser.add_argument("--quick", action="store_true", help="smoke run: W8A8, minmax + qhyvit, one model, 10 runs")
     parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--no-peers", action="store_true", help="skip the NNCF / ORT quantize_static rows (NNCF is "
+                        "in the bench extra)")
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -354,6 +406,11 @@ def main() -> int:
                              on_update=lambda r: (report["models"].__setitem__(-1, r), save()))
         report["models"][-1] = result
         report["timings"][f"{name}: accuracy tables + ORT"] = round(time.perf_counter() - t0, 1)
+        if not args.no_peers:
+            t0 = time.perf_counter()
+            with tempfile.TemporaryDirectory() as work:
+                result["peers"] = peer_rows(name, args.threads, Path(work))
+            report["timings"][f"{name}: NNCF / quantize_static"] = round(time.perf_counter() - t0, 1)
         save()
     for name in args.speed_models:
         t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from hyfx.passes.bridges import Bridge, find_bridges
 from hyfx.passes.decompose_attention import decompose_attention
 from hyfx.passes.insert_quant import insert_quant
 from hyfx.passes.manager import sequential
+from hyfx.passes.reparameterize import plan_rewrites
 from hyfx.passes.split_outliers import split_weight_outliers
 from hyfx.passes.tag import tag
 
@@ -137,10 +138,14 @@ def split_threshold(hg: HybridGraph) -> float | None:
 
 
 def analyze_for(gm: fx.GraphModule | HybridGraph, plan: QuantPlan | None) -> HybridGraph:
-    """`gm` analysed as `plan` was made: with the outlier split it records (plan.meta["split_outliers"])."""
-    if isinstance(gm, HybridGraph):
-        return gm
-    return analyze(gm, plan.meta.get("split_outliers") if plan is not None else None)
+    """`gm` analysed as `plan` was made: with the outlier split it records (plan.meta["split_outliers"]) and its
+    rewrites it records (norms reparameterized, input channels scaled, softmax approximated: plan_rewrites)."""
+    hg = gm if isinstance(gm, HybridGraph) else analyze(gm, plan.meta.get("split_outliers") if plan is not None else None)
+    if plan is not None:
+        rewritten = plan_rewrites(hg.gm, plan.meta)
+        if rewritten is not hg.gm:
+            hg = HybridGraph(rewritten, hg.blocks, hg.bridges)
+    return hg
 
 
 def quantize(gm: fx.GraphModule | HybridGraph, plan: QuantPlan) -> fx.GraphModule:

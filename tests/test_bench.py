@@ -50,7 +50,8 @@ def test_render_puts_published_rows_beside_ours():
     assert "78.50 (-1.50)" in text
     assert "MobileViTv1-xxs | Q-HyViT README †" in text and "68.20 (-0.80)" in text
     assert "† Q-HyViT README: authors' README" in text  # the provenance is printed under the table
-    assert "not in hyfx" in text  # RepQ-ViT: a published column hyfx does not implement
+    assert "not in hyfx" not in text  # every published column (RepQ-ViT, HyQ included) has a hyfx recipe
+    assert "RepQ-ViT" in text and "HyQ" in text and "1.85 (-67.15)" in text  # RepQ-ViT's published xxs cell
     assert "No published numbers for this table are available here" in text  # EfficientQuant's Table 1
     assert "one per class" in text  # the evaluation set is described
 

@@ -74,6 +74,9 @@ def export_command(args: argparse.Namespace, gm, config: dict, pool_of) -> int:
         result = hyfx.export(gm, plan, args.out, target=args.target, log2_mode=args.log2_mode,
                              fold_bn=not args.no_fold_bn, symmetric=args.symmetric)
     print(f"{args.out}: {result.report.summary()}")
+    if getattr(result, "narrowed", None):
+        print(f"{len(result.narrowed)} layers' weights narrowed to 7 bits: this CPU has no VNNI, and OpenVINO's int8 "
+              "kernels saturate 8-bit weights without it")
     if args.check:
         pool = evaluation_images(args.model, args.check, calib_names, args.n_check, seed=0)
         loader = list(make_loader(pool, config, batch_size=25))

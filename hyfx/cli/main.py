@@ -186,17 +186,22 @@ def _deployed(gm: torch.fx.GraphModule, plan: hyfx.QuantPlan, backend: str, prec
         return ort.runner(ort.session(hyfx.export(gm, plan, target="ort").model)), f"{plan.recipe} (ORT)"
     from hyfx.backends import openvino
 
-    compiled = openvino.compile_model(hyfx.export(gm, plan, target="openvino").model, precision)
-    return openvino.runner(compiled), f"{plan.recipe} (OpenVINO {openvino.inference_precision(compiled)})"
+    lowered = hyfx.export(gm, plan, target="openvino")
+    compiled = openvino.compile_model(lowered.model, precision)
+    narrowed = ", 7-bit weights: no VNNI" if lowered.narrowed else ""
+    return openvino.runner(compiled), f"{plan.recipe} (OpenVINO {openvino.inference_precision(compiled)}{narrowed})"
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from hyfx.cli.search import check_search_args, search_command
+    from hyfx.mixed.distributed import GraphRecipe
 
     check_search_args(args)  # bad budgets fail before the model is built
-    gm, config = _captured(_model(args))
+    model = _model(args)
+    gm, config = _captured(model)
     real = zoo.is_real_weights(args.model) or args.checkpoint is not None
-    return search_command(args, gm, config, splits.usable_images(args.model, args.calib), real)
+    return search_command(args, gm, config, splits.usable_images(args.model, args.calib), real,
+                          rebuild=GraphRecipe(model, tuple(example_input(config).shape)))
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -50,6 +50,10 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="plan.json")
+    p.add_argument("--workers", type=int, default=1, help="build the sensitivity table on this many Ray workers "
+                   "(one torch thread each; needs pip install -e \".[distributed]\")")
+    p.add_argument("--ray-address", default=None, help="send the table's work to this Ray cluster (default: a local "
+                   "Ray started in-process with --workers CPUs)")
 
 
 def check_search_args(args: argparse.Namespace) -> tuple[list[Budget], list[BitConfig]]:
@@ -63,10 +67,17 @@ def check_search_args(args: argparse.Namespace) -> tuple[list[Budget], list[BitC
     for name in ("n_calib", "n_eval", "n_val"):
         if getattr(args, name) < (1 if name == "n_calib" else 0):
             raise HyfxError(f"--{name.replace('_', '-')} must be {'positive' if name == 'n_calib' else '0 or more'}")
+    if args.workers < 1:
+        raise HyfxError(f"--workers {args.workers}: give 1 or more")
+    if args.workers > 1 or args.ray_address:
+        from hyfx.mixed.distributed import require_ray
+
+        require_ray()  # a missing extra fails before the model is built
     return budgets, configs
 
 
-def search_command(args: argparse.Namespace, gm: fx.GraphModule, config: dict, pool: ImageSet, real: bool) -> int:
+def search_command(args: argparse.Namespace, gm: fx.GraphModule, config: dict, pool: ImageSet, real: bool,
+                   rebuild=None) -> int:
     budgets, configs = check_search_args(args)
     calib, sens, val = search_split(pool, args.n_calib, args.n_eval, args.n_val, args.seed)
     for images in (calib, sens, val):
@@ -84,7 +95,8 @@ def search_command(args: argparse.Namespace, gm: fx.GraphModule, config: dict, p
     run = run_hysquant(hg, loaders[0], budgets, eval_loader=loaders[1], val_loader=loaders[2], configs=configs,
                        device=args.device, timer=TIMER_CLASSES.get(args.timer), minimize=args.minimize,
                        max_iter=args.max_iter, tolerance=args.tolerance, table=table, model=args.model,
-                       observer=args.observer, report=print)
+                       observer=args.observer, report=print, workers=args.workers, ray_address=args.ray_address,
+                       rebuild=rebuild)
     if args.table and table is None:
         paths = run.table.save(Path(args.table).with_suffix(""))
         print(f"sensitivity table → {paths['json']}, {paths['csv']}, {paths['png']}")

@@ -184,6 +184,7 @@ def run_hysquant(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, budge
                  timer: Callable[[Assignment], float] | type | None = None, minimize: str = "kl", max_iter: int = 5,
                  tolerance: float = 1.0, table: SensitivityTable | None = None, policies: Policies | None = None,
                  model: str = "", observer: str = "minmax", report: Callable[[str], None] | None = None,
+                 workers: int = 1, ray_address: str | None = None, rebuild: Callable | None = None,
                  progress: bool = True) -> HySquantRun:
     """Table → ILP → measured feedback → QuantPlan, keeping every intermediate for reports and benchmarks.
 
@@ -192,14 +193,16 @@ def run_hysquant(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, budge
     `timer` measures latency in the feedback loop: a plan timer (assignment → seconds), or a timer class built
     here as `timer(hg, policies, one calibration image)`: TorchTimer (the fake-quant model on this CPU) or
     hyfx.pipelines.hysquant.OrtTimer (the exported int8 model in ONNX Runtime; by name: that module's TIMERS).
-    A saved `table` (and the `policies` it was built with) skips the sensitivity pass.
+    A saved `table` (and the `policies` it was built with) skips the sensitivity pass. `workers` / `ray_address` /
+    `rebuild`: the table on Ray (see `build_table`).
     """
     budgets = [b if isinstance(b, Budget) else Budget.parse(b) for b in budgets]
     hg = analysed(gm)
     profile = device if isinstance(device, DeviceProfile) else get_profile(device)
     if table is None:
         table, policies = build_table(hg, calib_loader, eval_loader, configs, profile=profile, model=model,
-                                      observer=observer, policies=policies, progress=progress)
+                                      observer=observer, policies=policies, workers=workers,
+                                      ray_address=ray_address, rebuild=rebuild, progress=progress)
     if policies is None:
         policies = Policies(hg, calib_loader, table.configs, table.layers, observer, progress)
     reference = {layer: table.reference for layer in table.layers}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -287,11 +287,56 @@ def layer_kinds(hg: HybridGraph, layers: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def layer_logits(hg: HybridGraph, layers: Sequence[str], configs: Sequence[BitConfig],
+                 policy_of: dict[tuple[str, str], LayerPolicy], x_all: torch.Tensor, chunk: int = 16,
+                 progress: bool = True) -> tuple[torch.Tensor, dict[tuple[str, str], torch.Tensor]]:
+    """(FP32 logits, logits with each (layer, config) quantized alone) on `x_all`, `chunk` images at a time:
+    the suffix of the graph after each layer is rerun from the FP32 activations."""
+    gm_f = hg.gm
+    suffixes = {layer: _Suffix(gm_f, hg.node(layer)) for layer in layers}
+    weights = {layer: getattr_path(gm_f, w.target) for layer in layers if (w := weight_arg(hg.node(layer))) is not None}
+    qweights: dict[tuple[str, int], torch.Tensor] = {}
+    logits: dict[tuple[str, str], list] = {(layer, c.name): [] for layer in layers for c in configs}
+    fp32_logits = []
+    steps = math.ceil(len(x_all) / chunk) * len(layers)
+    bar = tqdm(total=steps, desc="sensitivity", disable=not progress, leave=False)
+    with torch.no_grad():
+        for start in range(0, len(x_all), chunk):
+            xs = x_all[start:start + chunk]
+            keep = _KeepAll(gm_f)
+            fp32_logits.append(_as_logits(keep.run(xs)))
+            env = keep.env
+            for layer in layers:
+                node = hg.node(layer)
+                for c in configs:
+                    policy = policy_of[(layer, c.name)]
+                    args = list(node.args)
+                    for idx, spec in policy.inputs.items():
+                        args[idx] = _qdq(env[node.args[idx]], spec)
+                    for idx, arg in enumerate(args):
+                        if isinstance(arg, fx.Node):
+                            args[idx] = env[arg]
+                    if policy.weight is not None:
+                        key = (layer, c.w_bits)
+                        if key not in qweights:
+                            spec = calibrate_weight(weights[layer], policy.weight)
+                            qweights[key] = _qdq(weights[layer], spec)
+                        args[1] = qweights[key]
+                    kwargs = {k: env[v] if isinstance(v, fx.Node) else v for k, v in node.kwargs.items()}
+                    out = node.target(*args, **kwargs)
+                    logits[(layer, c.name)].append(_as_logits(suffixes[layer].run(env, out)))
+                bar.update(1)
+            del env, keep
+    bar.close()
+    return torch.cat(fp32_logits), {key: torch.cat(values) for key, values in logits.items()}
+
+
 def build_table(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, eval_loader: Iterable | None = None,
                 configs: Sequence[BitConfig] = DEFAULT_CONFIGS, latency: LatencyModel | None = None,
                 profile: DeviceProfile | None = None, layers: Sequence[str] | None = None, model: str = "",
                 observer: str = "minmax", chunk: int = 16, collapse_drop: float = COLLAPSE_DROP,
-                policies: Policies | None = None, work: GraphWork | None = None,
+                policies: Policies | None = None, work: GraphWork | None = None, workers: int = 1,
+                ray_address: str | None = None, rebuild: Callable[[], HybridGraph] | None = None, threads: int = 1,
                 progress: bool = True) -> tuple[SensitivityTable, Policies]:
     """Quantize each layer alone at each config and record the proxy, accuracy and hardware figures.
 
@@ -299,6 +344,9 @@ def build_table(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, eval_l
     the pruning rule: a layer whose top-1 collapses (drops by `collapse_drop` points or more) at a low
     activation width even with the widest weights is fixed to wider activations. Without it the table
     holds KL only. Latency defaults to the roofline of `profile` (this CPU when none is given).
+    `workers` > 1 or a `ray_address` spreads the layers over Ray workers (hyfx.mixed.distributed), each rebuilding
+    the analysed graph with `rebuild` (a picklable callable; fx graphs do not pickle) and running `threads` torch
+    threads; the table is the one a serial run with as many threads gives, bit for bit.
     """
     from hyfx.hardware import RooflineLatency, this_cpu
 
@@ -321,50 +369,21 @@ def build_table(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, eval_l
     x_all = x_calib if x_eval is None else torch.cat([x_calib, x_eval])
     n_calib = len(x_calib)
 
-    gm_f = hg.gm
-    suffixes = {layer: _Suffix(gm_f, hg.node(layer)) for layer in layers}
-    weights = {layer: getattr_path(gm_f, w.target) for layer in layers if (w := weight_arg(hg.node(layer))) is not None}
-    qweights: dict[tuple[str, int], torch.Tensor] = {}
-    logits = {(layer, c.name): [] for layer in layers for c in configs}
-    fp32_logits = []
-    steps = math.ceil(len(x_all) / chunk) * len(layers)
-    bar = tqdm(total=steps, desc="sensitivity", disable=not progress, leave=False)
-    with torch.no_grad():
-        for start in range(0, len(x_all), chunk):
-            xs = x_all[start:start + chunk]
-            keep = _KeepAll(gm_f)
-            fp32_logits.append(_as_logits(keep.run(xs)))
-            env = keep.env
-            for layer in layers:
-                node = hg.node(layer)
-                for c in configs:
-                    policy = policies.policy(layer, c)
-                    args = list(node.args)
-                    for idx, spec in policy.inputs.items():
-                        args[idx] = _qdq(env[node.args[idx]], spec)
-                    for idx, arg in enumerate(args):
-                        if isinstance(arg, fx.Node):
-                            args[idx] = env[arg]
-                    if policy.weight is not None:
-                        key = (layer, c.w_bits)
-                        if key not in qweights:
-                            spec = calibrate_weight(weights[layer], policy.weight)
-                            qweights[key] = _qdq(weights[layer], spec)
-                        args[1] = qweights[key]
-                    kwargs = {k: env[v] if isinstance(v, fx.Node) else v for k, v in node.kwargs.items()}
-                    out = node.target(*args, **kwargs)
-                    logits[(layer, c.name)].append(_as_logits(suffixes[layer].run(env, out)))
-                bar.update(1)
-            del env, keep
-    bar.close()
-    fp32 = torch.cat(fp32_logits)
+    policy_of = {(layer, c.name): policies.policy(layer, c) for layer in layers for c in configs}
+    if workers > 1 or ray_address is not None:
+        from hyfx.mixed.distributed import distributed_layer_logits
+
+        fp32, logits = distributed_layer_logits(rebuild, layers, configs, policy_of, x_all, chunk, workers,
+                                                ray_address, threads, progress)
+    else:
+        fp32, logits = layer_logits(hg, layers, configs, policy_of, x_all, chunk, progress)
     fp32_summary: dict = {"n_calib": n_calib, "n_eval": 0 if x_eval is None else len(x_eval), "top1": None, "top5": None}
     if y_eval is not None:
         fp32_summary.update(_topk(fp32[n_calib:], y_eval))
     entries = {}
     for layer in layers:
         for c in configs:
-            out = torch.cat(logits.pop((layer, c.name)))
+            out = logits.pop((layer, c.name))
             acc = _topk(out[n_calib:], y_eval) if y_eval is not None else {"top1": None, "top5": None}
             lat = latency.layer_latency(layer, c)
             entries[(layer, c.name)] = Entry(layer, c.name, kl_divergence(fp32[:n_calib], out[:n_calib]),

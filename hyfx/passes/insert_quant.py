@@ -19,6 +19,7 @@ from hyfx.errors import HyfxError
 from hyfx.meta import SPLIT_OUTLIERS as SPLIT_META
 from hyfx.meta import TAGS
 from hyfx.ops import QUANT, getattr_path, weight_arg
+from hyfx.passes.reparameterize import rewrite_mismatch
 from hyfx.quant.quantizers import calibrate_weight, qd
 from hyfx.quant.rounding import decode_offsets, rounded_weight
 from hyfx.quant.spec import QuantPlan, QuantSpec
@@ -42,6 +43,8 @@ def _single_op_quantizer(spec: QuantSpec) -> tuple | None:
         return torch.ops.hyfx.log2_fake_quant.default, (spec.scale[0], spec.zero_point[0], spec.bits, spec.eps)
     if spec.kind == "twin":
         return torch.ops.hyfx.twin_fake_quant.default, (spec.scale[0], spec.scale[1], spec.bits, spec.signed)
+    if spec.kind == "log_sqrt2":
+        return torch.ops.hyfx.log_sqrt2_fake_quant.default, (spec.scale[0], spec.bits)
     return None
 
 
@@ -134,6 +137,10 @@ def insert_quant(gm: fx.GraphModule, plan: QuantPlan) -> fx.GraphModule:
     if missing and SPLIT_META not in gm.meta and (split is not None or any(m.endswith(".outliers") for m in missing)):
         raise HyfxError(f"plan was made with conv outlier weights split (threshold {split or 'as chosen'}) but this "
                         f"graph was not: analyse it with hyfx.analyze(gm, split_outliers={split or 16.0}) as the plan was")
+    mismatch = rewrite_mismatch(gm, plan.meta)
+    if mismatch is not None:
+        raise HyfxError(f"plan records a graph rewrite ({mismatch}) this graph does not carry as recorded: apply the "
+                        "plan through hyfx.quantize / hyfx.analyze_for(gm, plan), which rewrite as the plan records")
     if missing:
         raise HyfxError(
             f"plan names {len(missing)} layers this model does not have (e.g. {missing[0]!r}): "

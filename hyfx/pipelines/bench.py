@@ -35,7 +35,7 @@ from hyfx.pipelines.plan import make_plan
 from hyfx.search.sampling import calibration_images
 from hyfx.splits import sample_split
 
-METHODS = ("minmax", "easyquant", "ptq4vit", "efficientquant", "qhyvit")
+METHODS = ("minmax", "easyquant", "ptq4vit", "efficientquant", "repqvit", "hyq", "qhyvit")
 ORT_RECIPES = ("minmax", "qhyvit")
 
 
@@ -66,8 +66,8 @@ def variants(methods: Sequence[str] = METHODS, ablation: bool = True, full: bool
                         "ablation"),
                 Variant("qhyvit: + granularity", "qhyvit", {"search_scheme": False}, "ablation")]
     if full:  # Q-HyViT Table 2: softmax and norm inputs quantized as well
-        out += [Variant("minmax (full)", "minmax", {"full": True}, "full"),
-                Variant("qhyvit (full)", "qhyvit", {"full": True}, "full")]
+        out += [Variant(f"{m} (full)", m, {"full": True}, "full") for m in ("minmax", "repqvit", "qhyvit")
+                if m in methods]
     return out
 
 

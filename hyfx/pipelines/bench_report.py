@@ -104,11 +104,12 @@ def latency_table(results: Sequence[dict]) -> list[str]:
     return lines
 
 
-TABLE1_COLUMNS = [("EasyQuant", "easyquant"), ("PTQ4ViT", "ptq4vit"), ("Q-HyViT", "qhyvit"),
-                  ("EfficientQuant", "efficientquant")]
-QHYVIT_T1_COLUMNS = [("MinMax", "minmax"), ("EasyQuant", "easyquant"), ("PTQ4ViT", "ptq4vit"), ("RepQ-ViT", None),
+TABLE1_COLUMNS = [("EasyQuant", "easyquant"), ("PTQ4ViT", "ptq4vit"), ("RepQ-ViT", "repqvit"), ("Q-HyViT", "qhyvit"),
+                  ("HyQ", "hyq"), ("EfficientQuant", "efficientquant")]
+QHYVIT_T1_COLUMNS = [("MinMax", "minmax"), ("EasyQuant", "easyquant"), ("PTQ4ViT", "ptq4vit"), ("RepQ-ViT", "repqvit"),
                      ("Q-HyViT", "qhyvit")]
-FULL_COLUMNS = [("MinMax (full) / FQ-ViT", "minmax (full)"), ("Q-HyViT (full)", "qhyvit (full)")]
+FULL_COLUMNS = [("MinMax (full) / FQ-ViT", "minmax (full)"), ("RepQ-ViT (full)", "repqvit (full)"),
+                ("Q-HyViT (full)", "qhyvit (full)")]
 ABLATION_COLUMNS = [("scale only", "qhyvit: scale only"), ("+ granularity", "qhyvit: + granularity"),
                     ("+ scheme (Q-HyViT)", "qhyvit")]
 

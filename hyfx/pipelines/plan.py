@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch.fx as fx
 
 from hyfx import recipes, refine
-from hyfx.graph import HybridGraph, split_threshold
+from hyfx.graph import HybridGraph, analyze_for, split_threshold
 from hyfx.quant.spec import QuantPlan
 from hyfx.quant.targets import check_bits_for_target, check_plan_target
 
@@ -30,6 +30,7 @@ def make_plan(name: str, gm: fx.GraphModule | HybridGraph, calib_loader: Iterabl
     plan = recipe(gm, calib_loader, **options)
     if isinstance(gm, HybridGraph) and (threshold := split_threshold(gm)) is not None:
         plan.meta["split_outliers"] = threshold  # whoever applies the plan must split the same way
+    gm = analyze_for(gm, plan)  # the refiners see the graph as the plan applies to it (reparameterized, if it is)
     plan = refine.refine(gm, plan, calib_loader, bias_correction=bias_correction, rounding_iters=rounding_iters,
                          activation_steps=activation_steps, block_iters=block_iters,
                          progress=options.get("progress", True))

@@ -2,8 +2,8 @@
 
 The graph ops are what the rewrite pass inserts: torch's `quantized_decomposed` quantize/dequantize
 pairs for uniform QDQ (the form PT2E uses and ONNX exporters lower to QuantizeLinear/DequantizeLinear),
-`hyfx::log2_fake_quant` for EfficientQuant's post-softmax quantizer and `hyfx::twin_fake_quant` for
-PTQ4ViT's twin uniform quantizer.
+`hyfx::log2_fake_quant` for EfficientQuant's post-softmax quantizer, `hyfx::twin_fake_quant` for
+PTQ4ViT's twin uniform quantizer and `hyfx::log_sqrt2_fake_quant` for RepQ-ViT's log√2 one.
 """
 
 from __future__ import annotations
@@ -83,6 +83,32 @@ def _(x, delta, zero_point, bits, eps):
     return torch.empty_like(x)
 
 
+def log_sqrt2_codes(x: torch.Tensor, delta: float, bits: int) -> torch.Tensor:
+    """RepQ-ViT's log√2 codes of a non-negative tensor: round(−log_√2(x/Δ)) = round(−2·log2(x/Δ)), clamped to
+    [0, 2^b − 1]; codes past the range (values below Δ·2^(−(2^b − 1)/2), zero included) are returned as 2^b."""
+    top = 2**bits
+    codes = torch.round(-2.0 * torch.log2(x.clamp_min(0.0) / delta))
+    return torch.where(codes >= top, torch.full_like(codes, float(top)), codes.clamp_min(0.0))
+
+
+def dequantize_log_sqrt2(codes: torch.Tensor, delta: float, bits: int) -> torch.Tensor:
+    """Δ·2^(−q/2) in its deployable form: a shift by ceil(q/2) and, for odd q, one multiply by √2; code 2^b is 0."""
+    odd = torch.remainder(codes, 2.0)
+    value = delta * torch.exp2(-torch.ceil(codes / 2.0)) * (1.0 + odd * (2.0**0.5 - 1.0))
+    return torch.where(codes >= 2**bits, torch.zeros_like(value), value)
+
+
+@torch.library.custom_op("hyfx::log_sqrt2_fake_quant", mutates_args=())
+def log_sqrt2_fake_quant(x: torch.Tensor, delta: float, bits: int) -> torch.Tensor:
+    """log√2 quantize + dequantize of a non-negative tensor (post-softmax, RepQ-ViT), as one graph op."""
+    return dequantize_log_sqrt2(log_sqrt2_codes(x, delta, bits), delta, bits)
+
+
+@log_sqrt2_fake_quant.register_fake
+def _(x, delta, bits):
+    return torch.empty_like(x)
+
+
 def twin_uniform(x: torch.Tensor, delta1, delta2, bits: int, signed: bool) -> torch.Tensor:
     """PTQ4ViT's twin uniform quantize + dequantize; `delta1`/`delta2` may be tensors broadcasting against x.
 
@@ -125,6 +151,8 @@ def fake_quant(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         return log2_fake_quant(x, spec.scale[0], spec.zero_point[0], spec.bits, spec.eps)
     if spec.kind == "twin":
         return twin_fake_quant(x, spec.scale[0], spec.scale[1], spec.bits, spec.signed)
+    if spec.kind == "log_sqrt2":
+        return log_sqrt2_fake_quant(x, spec.scale[0], spec.bits)
     scale = torch.tensor(spec.scale, dtype=torch.float32)
     zero_point = torch.tensor(spec.zero_point, dtype=torch.float32)
     axis = spec.axis if spec.granularity == "channel" else None

@@ -19,7 +19,8 @@ PLAN_FORMAT = 1
 
 Granularity = Literal["tensor", "channel"]
 Scheme = Literal["symmetric", "asymmetric"]
-Kind = Literal["uniform", "log2", "twin"]
+Kind = Literal["uniform", "log2", "twin", "log_sqrt2"]
+KINDS = ("uniform", "log2", "twin", "log_sqrt2")
 
 
 def _is_int(value) -> bool:
@@ -53,6 +54,8 @@ class QuantSpec:
     (Δ_R1, Δ_R2) and zero_point (0, 0). asymmetric = unsigned (post-softmax: R1 = [0, m·Δ_R1] for the small
     values, R2 = [0, m·Δ_R2], m = 2^(b-1)-1); symmetric = signed (post-GELU: R1 = [-2^(b-1)·Δ_R1, 0] for the
     negative tail, R2 = [0, m·Δ_R2]).
+    log_sqrt2 (post-softmax, RepQ-ViT): codes round(−log_√2(x/Δ)) in [0, 2^b − 1], dequantized as Δ·2^(−q/2);
+    scale is Δ, zero_point 0.
     """
 
     bits: int = 8
@@ -70,16 +73,16 @@ class QuantSpec:
             raise HyfxError(f"unknown granularity {self.granularity!r}: use 'tensor' or 'channel'")
         if self.scheme not in ("symmetric", "asymmetric"):
             raise HyfxError(f"unknown scheme {self.scheme!r}: use 'symmetric' or 'asymmetric'")
-        if self.kind not in ("uniform", "log2", "twin"):
-            raise HyfxError(f"unknown quantizer kind {self.kind!r}: use 'uniform', 'log2' or 'twin'")
-        if self.kind in ("log2", "twin") and self.granularity != "tensor":
+        if self.kind not in KINDS:
+            raise HyfxError(f"unknown quantizer kind {self.kind!r}: use one of {', '.join(KINDS)}")
+        if self.kind != "uniform" and self.granularity != "tensor":
             raise HyfxError(f"{self.kind} quantization is per-tensor: set granularity='tensor'")
 
     @property
     def qmin(self) -> int:
         if self.kind == "twin":  # per range: b-1 bits of magnitude
             return 0 if self.scheme == "asymmetric" else -(2 ** (self.bits - 1))
-        if self.kind == "log2" or self.scheme == "asymmetric":
+        if self.kind in ("log2", "log_sqrt2") or self.scheme == "asymmetric":
             return 0
         return -(2 ** (self.bits - 1) - 1)
 
@@ -87,7 +90,7 @@ class QuantSpec:
     def qmax(self) -> int:
         if self.kind == "twin":
             return 2 ** (self.bits - 1) - 1
-        if self.kind == "log2" or self.scheme == "asymmetric":
+        if self.kind in ("log2", "log_sqrt2") or self.scheme == "asymmetric":
             return 2**self.bits - 1
         return 2 ** (self.bits - 1) - 1
 
@@ -106,7 +109,7 @@ class QuantSpec:
         return replace(self, scale=None, zero_point=None)
 
     def short(self) -> str:
-        if self.kind in ("log2", "twin"):
+        if self.kind != "uniform":
             return f"{self.kind}{self.bits}"
         return f"{'s' if self.scheme == 'symmetric' else 'a'}{self.bits}/{self.granularity[:2]}"
 

@@ -6,7 +6,7 @@ per-tensor activations. ONNX Runtime's int8 kernels (QLinearConv / QLinearMatMul
 have one zero point for all channels (QLinearConv rejects differing ones, onnxruntime#8890 and #28447), so
 per-channel weights are symmetric; weights of fewer bits run in the same int8 type (the CPU lowering uses
 7-bit weights on CPUs without VNNI, see `cpu_weight_bits`). "fake" is PyTorch fake quantization, which runs
-anything a QuantSpec can say (2-8 bits, per-channel activations, log2, twin).
+anything a QuantSpec can say (2-8 bits, per-channel activations, log2, twin, log√2).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from hyfx.cpu import cpu_info
 from hyfx.errors import HyfxError
-from hyfx.quant.spec import QuantPlan, QuantSpec
+from hyfx.quant.spec import KINDS, QuantPlan, QuantSpec
 from hyfx.registry import Registry
 
 GRANULARITIES = ("tensor", "channel")
@@ -38,6 +38,7 @@ class Target:
     channel_weight_schemes: tuple[str, ...] = SCHEMES  # per-channel weights
     narrower_weights: bool = False  # weights of fewer than `bits` bits run in the same integer type
     cpu_weight_bits: bool = False  # the CPU's int8 GEMM limits weight bits (see `cpu_weight_bits`)
+    direct_depthwise: bool = True  # with `cpu_weight_bits`: depthwise convs (and exact layers) keep 8 bits
     lowering: str | None = None
     description: str = ""
     # what its exported model may hold (QDQ export; `export_violation`, hyfx.backends.qdq_rules)
@@ -64,7 +65,7 @@ class Target:
 
     def weight_bits(self, bits: int, exact: bool) -> int:
         """The weight bits a layer of `bits` runs at here; `exact`: a depthwise conv or a layer kept 8-bit."""
-        return min(bits, cpu_weight_bits(exact)) if self.cpu_weight_bits else bits
+        return min(bits, cpu_weight_bits(exact and self.direct_depthwise)) if self.cpu_weight_bits else bits
 
     def violation(self, spec: QuantSpec, role: str) -> str | None:
         """Why `spec` (a weight, or an activation for any other role) cannot run on this target, or None."""
@@ -124,7 +125,7 @@ def available_targets() -> list[str]:
     return TARGETS.names()
 
 
-register_target(Target("fake", description="PyTorch fake quantization: anything a QuantSpec can say"))
+register_target(Target("fake", kinds=KINDS, description="PyTorch fake quantization: anything a QuantSpec can say"))
 register_target(Target("ort", act_granularities=("tensor",), bits=8, channel_weight_schemes=("symmetric",),
                        narrower_weights=True, cpu_weight_bits=True, lowering="hyfx.backends.onnx_qdq:export",
                        description="ONNX Runtime int8: per-tensor activations", title="ONNX Runtime",
@@ -135,7 +136,8 @@ register_target(Target("tensorrt", weight_schemes=("symmetric",), act_schemes=("
                        title="TensorRT", export_bits=8, zero_point_free=True, per_channel_weights=True,
                        export_types=("INT8", "FLOAT8E4M3FN")))
 register_target(Target("openvino", weight_schemes=("symmetric",), act_granularities=("tensor",), bits=8,
-                       narrower_weights=True, lowering="hyfx.backends.openvino:export", title="OpenVINO",
+                       narrower_weights=True, cpu_weight_bits=True, direct_depthwise=False,
+                       lowering="hyfx.backends.openvino:export", title="OpenVINO",
                        description="OpenVINO CPU int8: symmetric weights, per-tensor activations",
                        symmetric_weights=True, zero_point_free_matmul=True))
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from hyfx.recipes.easyquant import easyquant
 from hyfx.recipes.efficientquant import efficientquant
+from hyfx.recipes.hyq import hyq
 from hyfx.recipes.hysquant import hysquant
 from hyfx.recipes.minmax import minmax, percentile
 from hyfx.recipes.ptq4vit import ptq4vit
 from hyfx.recipes.qhyvit import qhyvit
 from hyfx.recipes.registry import Recipe, available, get, register
+from hyfx.recipes.repqvit import repqvit
 
-__all__ = ["Recipe", "available", "easyquant", "efficientquant", "get", "hysquant", "minmax", "percentile", "ptq4vit",
-           "qhyvit", "register"]
+__all__ = ["Recipe", "available", "easyquant", "efficientquant", "get", "hyq", "hysquant", "minmax", "percentile", "ptq4vit",
+           "qhyvit", "register", "repqvit"]

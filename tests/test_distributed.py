@@ -1,0 +1,76 @@
+"""The sensitivity table on a local Ray: the serial table bit for bit, and a clear error without Ray."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from timm.models.byobnet import LayerFn
+from timm.models.mobilevit import MobileVitBlock
+from torch import nn
+
+from hyfx import cli
+from hyfx.errors import HyfxError
+from hyfx.hardware import BitConfig, this_cpu
+from hyfx.mixed import distributed
+from hyfx.mixed.distributed import GraphRecipe, split_layers
+from hyfx.mixed.sensitivity import build_table
+
+ray = pytest.importorskip("ray", reason="the distributed extra (pip install -e '.[distributed]') is not installed")
+
+
+def tiny_model() -> nn.Module:
+    """Only library classes, so Ray workers unpickle it without this test module on their path."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU(),
+                         MobileVitBlock(8, 8, transformer_dim=16, transformer_depth=1, patch_size=2, num_heads=2,
+                                        layers=LayerFn()),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+
+
+def test_split_layers_covers_every_layer_once():
+    groups = split_layers([f"l{i}" for i in range(10)], 4)
+    assert sorted(sum(groups, [])) == [f"l{i}" for i in range(10)] and len(groups) == 4
+    assert split_layers(["a"], 8) == [["a"]]
+
+
+def test_distributed_table_is_the_serial_table_bit_for_bit():
+    recipe = GraphRecipe(tiny_model(), (1, 3, 16, 16))
+    hg = recipe()
+    gen = torch.Generator().manual_seed(0)
+    calib = [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(2)]
+    evaluation = [(torch.randn(6, 3, 16, 16, generator=gen), torch.randint(0, 10, (6,), generator=gen))]
+    configs = [BitConfig(4, 8), BitConfig(8, 8)]
+    profile = this_cpu()  # the roofline reads the thread count: one profile for both tables
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers run one thread each: the serial reference does too
+    try:
+        serial, _ = build_table(hg, calib, evaluation, configs, profile=profile, chunk=4, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    spread, _ = build_table(hg, calib, evaluation, configs, profile=profile, chunk=4, workers=2, rebuild=recipe,
+                            progress=False)
+    stats = distributed.LAST_RUN
+    assert spread.to_dict() == serial.to_dict()  # KL, top-1, top-5 of every entry, and the pruning, identical
+    assert serial.has_accuracy() and len(serial.entries) == 2 * len(hg.layers())
+    assert stats["workers"] == 2 and stats["tasks"] == min(len(hg.layers()), 8) and len(stats["setup_seconds"]) == 2
+
+
+def test_without_ray_workers_is_a_one_line_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray":
+            raise ImportError("no ray")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(HyfxError, match=r"pip install -e \"\.\[distributed\]\""):
+        distributed.require_ray()
+
+
+def test_search_cli_refuses_bad_worker_counts(capsys, sample_images):
+    assert cli.main(["search", "mobilevit_xxs", "--calib", str(sample_images.root), "--budget", "bytes=0.5x",
+                          "--workers", "0"]) == 2
+    assert "--workers 0" in capsys.readouterr().err
