@@ -36,7 +36,7 @@ from hyfx.quant.calibrate import calibrate_activations, run_with_taps
 from hyfx.quant.observers import MinMaxObserver
 from hyfx.quant.quantizers import calibrate_weight, fake_quant_uniform, uniform_params
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec, check_bits
-from hyfx.recipes.ptq4vit import producer
+from hyfx.recipes.ptq4vit import softmax_producer
 from hyfx.recipes.registry import register
 
 
@@ -183,12 +183,8 @@ def hyq(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int = 
     for layer in hg.layers((CONV, LINEAR, MATMUL)):
         node = hg.node(layer)
         if hg.tags(layer)["kind"] == MATMUL:
-            inputs = {}
-            for idx in (0, 1):
-                src = producer(node, idx)
-                if src is None or src.meta.get(TAGS, {}).get("kind") != SOFTMAX:  # powers of two already
-                    inputs[idx] = act
-            plan.set(layer, LayerPolicy(inputs=inputs))
+            # the approximated softmax's output is powers of two already
+            plan.set(layer, LayerPolicy(inputs={i: act for i in (0, 1) if softmax_producer(node, i) is None}))
             continue
         weight = calibrate_weight(getattr_path(hg.gm, weight_arg(node).target), weight_spec)
         plan.set(layer, LayerPolicy(weight=weight, inputs={0: act}))

@@ -44,6 +44,12 @@ def producer(node: fx.Node, index: int) -> fx.Node | None:
     return None if _passes_values(found) else found
 
 
+def softmax_producer(node: fx.Node, index: int) -> fx.Node | None:
+    """The softmax that computes input `index` of `node` (through reshapes and dropout), or None."""
+    src = producer(node, index)
+    return src if src is not None and src.meta.get(TAGS, {}).get("kind") == SOFTMAX else None
+
+
 def _twin_kind(node: fx.Node, index: int) -> str | None:
     src = producer(node, index)
     info = src.meta.get(TAGS, {}) if src is not None else {}

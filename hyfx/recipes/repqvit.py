@@ -35,7 +35,7 @@ from hyfx.quant.observers import SEARCH_QUANTILES, QuantileSearchObserver, best_
 from hyfx.quant.quantizers import log_sqrt2_fake_quant, uniform_params
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec, check_bits
 from hyfx.quant.targets import check_bits_for_target, get_target
-from hyfx.recipes.ptq4vit import producer
+from hyfx.recipes.ptq4vit import softmax_producer
 from hyfx.recipes.registry import register
 
 MAX_SAMPLES = 1 << 20
@@ -125,11 +125,11 @@ def repqvit(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: in
         if hg.tags(layer)["kind"] == MATMUL:
             inputs = {}
             for idx in (0, 1):
-                src = producer(node, idx)
-                if src is not None and src.meta.get(TAGS, {}).get("kind") == SOFTMAX and log_softmax:
+                src = softmax_producer(node, idx) if log_softmax else None
+                if src is not None:
                     softmax_inputs[f"{layer}/{idx}"] = src
-                    continue
-                inputs[idx] = act
+                else:
+                    inputs[idx] = act
             plan.set(layer, LayerPolicy(inputs=inputs))
             continue
         weight = _weight_spec(getattr_path(hg.gm, weight_arg(node).target), QuantSpec(
