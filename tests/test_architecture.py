@@ -116,7 +116,8 @@ def test_backends_import_no_recipe_refiner_or_pipeline_and_quant_no_graph():
 
 def test_recipes_folder_holds_only_methods():
     files = sorted(p.stem for p in (PACKAGE / "recipes").glob("*.py"))
-    assert files == ["__init__", "easyquant", "efficientquant", "hysquant", "minmax", "ptq4vit", "qhyvit", "registry"]
+    assert files == ["__init__", "easyquant", "efficientquant", "hyq", "hysquant", "minmax", "ptq4vit", "qhyvit",
+                     "registry", "repqvit"]
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))

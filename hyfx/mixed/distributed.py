@@ -60,9 +60,11 @@ def split_layers(layers: Sequence[str], tasks: int) -> list[list[str]]:
 class LayerWorker:
     """One worker's state: the rebuilt graph, the images and the policies, received once."""
 
-    def __init__(self, rebuild: Callable[[], HybridGraph], layers: Sequence[str], configs: Sequence[BitConfig],
-                 policy_of: dict[tuple[str, str], LayerPolicy], x_all: torch.Tensor, chunk: int, threads: int):
+    def __init__(self, compute: Callable, rebuild: Callable[[], HybridGraph], layers: Sequence[str],
+                 configs: Sequence[BitConfig], policy_of: dict[tuple[str, str], LayerPolicy], x_all: torch.Tensor,
+                 chunk: int, threads: int):
         torch.set_num_threads(threads)
+        self.compute = compute
         start = time.perf_counter()
         self.hg = rebuild()
         missing = sorted(set(layers) - set(self.hg.layers()))
@@ -73,21 +75,19 @@ class LayerWorker:
         self.setup_seconds = time.perf_counter() - start
 
     def run(self, layers: Sequence[str]) -> tuple[torch.Tensor, dict, float]:
-        from hyfx.mixed.sensitivity import layer_logits
-
         start = time.perf_counter()
-        fp32, logits = layer_logits(self.hg, layers, self.configs, self.policy_of, self.x_all, self.chunk,
+        fp32, logits = self.compute(self.hg, layers, self.configs, self.policy_of, self.x_all, self.chunk,
                                     progress=False)
         return fp32, logits, time.perf_counter() - start
 
 
-def distributed_layer_logits(rebuild: Callable[[], HybridGraph] | None, layers: Sequence[str],
+def distributed_layer_logits(compute: Callable, rebuild: Callable[[], HybridGraph] | None, layers: Sequence[str],
                              configs: Sequence[BitConfig], policy_of: dict[tuple[str, str], LayerPolicy],
                              x_all: torch.Tensor, chunk: int, workers: int, address: str | None = None,
                              threads: int = 1, progress: bool = True
                              ) -> tuple[torch.Tensor, dict[tuple[str, str], torch.Tensor]]:
-    """`hyfx.mixed.sensitivity.layer_logits` for every layer, computed on `workers` Ray actors of `threads` threads;
-    the run's timings land in `LAST_RUN`."""
+    """`compute` (`hyfx.mixed.sensitivity.layer_logits`, handed in so this module does not import its caller) for
+    every layer, on `workers` Ray actors of `threads` threads; the run's timings land in `LAST_RUN`."""
     ray = require_ray()
     if rebuild is None:
         raise HyfxError("a distributed sensitivity table needs `rebuild` (how a worker rebuilds the analysed graph)")
@@ -100,7 +100,7 @@ def distributed_layer_logits(rebuild: Callable[[], HybridGraph] | None, layers: 
     wall = time.perf_counter()
     try:
         actor = ray.remote(num_cpus=threads)(LayerWorker)
-        shared = [ray.put(v) for v in (rebuild, list(layers), list(configs), policy_of, x_all)]
+        shared = [ray.put(v) for v in (compute, rebuild, list(layers), list(configs), policy_of, x_all)]
         actors = [actor.remote(*shared, chunk, threads) for _ in range(workers)]
         groups = split_layers(layers, workers * TASKS_PER_WORKER)
         pending = {actors[i % workers].run.remote(group): group for i, group in enumerate(groups)}

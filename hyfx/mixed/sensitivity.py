@@ -373,7 +373,7 @@ def build_table(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, eval_l
     if workers > 1 or ray_address is not None:
         from hyfx.mixed.distributed import distributed_layer_logits
 
-        fp32, logits = distributed_layer_logits(rebuild, layers, configs, policy_of, x_all, chunk, workers,
+        fp32, logits = distributed_layer_logits(layer_logits, rebuild, layers, configs, policy_of, x_all, chunk, workers,
                                                 ray_address, threads, progress)
     else:
         fp32, logits = layer_logits(hg, layers, configs, policy_of, x_all, chunk, progress)
