@@ -77,7 +77,7 @@ def calibrate_activations(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable,
     taps: dict[str, list] = {}
     for key, obs in observers.items():
         taps.setdefault(key.split("/")[0], []).append(obs.update)
-    run_with_taps(gm, {name: _fan_out(fns) for name, fns in taps.items()}, loader, max_batches=max_batches,
+    run_with_taps(gm, {name: fan_out(fns) for name, fns in taps.items()}, loader, max_batches=max_batches,
                   progress=progress)
     for layer, role, idx, key in wanted:
         lo, hi = observers[key].range()
@@ -90,7 +90,8 @@ def calibrate_activations(gm: fx.GraphModule, plan: QuantPlan, loader: Iterable,
     return plan
 
 
-def _fan_out(fns):
+def fan_out(fns):
+    """One tap that calls every function in `fns` on the value (several observers on one node)."""
     def call(value):
         for fn in fns:
             fn(value)

@@ -32,7 +32,7 @@ from hyfx.meta import TAGS
 from hyfx.ops import ACT, CONV, LINEAR, MATMUL, NORM, SOFTMAX, getattr_path, is_depthwise, weight_arg
 from hyfx.passes.approximate_softmax import approximate_softmax
 from hyfx.passes.reparameterize import scale_input_channels
-from hyfx.quant.calibrate import calibrate_activations, run_with_taps
+from hyfx.quant.calibrate import calibrate_activations, fan_out, run_with_taps
 from hyfx.quant.observers import MinMaxObserver
 from hyfx.quant.quantizers import calibrate_weight, fake_quant_uniform, uniform_params
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec, check_bits
@@ -159,7 +159,7 @@ def hyq(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, w_bits: int = 
         taps.setdefault(hg.node(layer).args[0].name, []).append(logit_obs[layer].update)
     for layer in targets:
         taps.setdefault(hg.node(layer).args[0].name, []).append(samplers[layer].update)
-    run_with_taps(hg.gm, {k: (lambda fns: lambda v: [f(v) for f in fns])(v) for k, v in taps.items()}, calib_loader,
+    run_with_taps(hg.gm, {k: fan_out(fns) for k, fns in taps.items()}, calib_loader,
                   desc="hyq statistics", max_batches=max_batches, progress=progress)
 
     scales, report = {}, {}
