@@ -16,6 +16,7 @@ from hyfx.meta import TAGS
 from hyfx.ops import CONV, LINEAR, MATMUL, node_shape
 from hyfx.passes.bridges import Bridge, find_bridges
 from hyfx.passes.decompose_attention import decompose_attention
+from hyfx.passes.fuse_qdq import fuse_qdq
 from hyfx.passes.insert_quant import insert_quant
 from hyfx.passes.manager import sequential
 from hyfx.passes.reparameterize import plan_rewrites
@@ -148,10 +149,12 @@ def analyze_for(gm: fx.GraphModule | HybridGraph, plan: QuantPlan | None) -> Hyb
     return hg
 
 
-def quantize(gm: fx.GraphModule | HybridGraph, plan: QuantPlan) -> fx.GraphModule:
+def quantize(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, fuse: bool = True) -> fx.GraphModule:
     """The quantized model: `gm` analysed as `plan` was made (attention decomposed, tagged, split as it records) with
-    the plan's quantizers inserted."""
-    return insert_quant(analyze_for(gm, plan).gm, plan)
+    the plan's quantizers inserted. `fuse`: each uniform quantize → dequantize pair as one fake-quant op (the same
+    values, about twice as fast to run); `fuse=False` keeps torch's `quantized_decomposed` pairs (PT2E's form)."""
+    qgm = insert_quant(analyze_for(gm, plan).gm, plan)
+    return fuse_qdq(qgm) if fuse else qgm
 
 
 def _first_weighted(start: list[fx.Node], neighbours) -> set[fx.Node]:

@@ -286,6 +286,14 @@ def test_cpu_int8_lowering_runs_int8_kernels(tiny):
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.75 and np.abs(got - want).max() < 0.1 * np.abs(want).max()
 
 
+def test_compile_cpu_prefers_more_int8_layers_among_equally_fast_models():
+    timings = {0.0: [1.02, 1.03, 1.01], 0.95: [1.00, 1.00, 1.01], 1.2: [0.90, 2.0, 0.91]}
+    assert ort_cpu.fastest_with_most_int8(timings, {0.0: 50, 0.95: 7, 1.2: 3}) == 1.2  # 10% faster: it wins
+    del timings[1.2]
+    assert ort_cpu.fastest_with_most_int8(timings, {0.0: 50, 0.95: 7}) == 0.0  # 2% is a tie: the smaller model
+    assert ort_cpu.fastest_with_most_int8(timings, {0.0: 50, 0.95: 7}, tie=0.01) == 0.95
+
+
 @pytest.mark.skipif(not htrt.available(), reason=f"TensorRT not run: {htrt.unavailable_reason()}")
 def test_tensorrt_engine_builds_and_times(tiny):
     _, gm, calib = tiny
@@ -320,6 +328,8 @@ def test_ort_parity_on_real_images(lite0):
     print("Q/DQ ops:", exact.summary(), "| int8 kernels:", kernels.summary())
     assert exact.n == kernels.n == 100 and exact.agreement >= 99.0 and exact.max_abs_diff < 1.0
     assert 75 <= exact.top1_torch <= 95  # real weights: a working 8-bit model
+    weights = sum(p.numel() for p in gm.parameters())
+    assert result.report.model_bytes < 4 * weights / 3  # int8 weights (FP32: 4 bytes each), plus scales and graph
     assert kernels.agreement >= 95.0
     fused = {n.op_type for n in onnx.load_from_string(_optimized(result.model)).graph.node}
     assert "QLinearConv" in fused  # the Q/DQ really became int8 kernels

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -73,7 +74,11 @@ def test_bench_model_on_real_weights(sample_images):
     assert lo <= table["minmax"]["agreement"] <= hi
     timings = result["ort"]["timings"]
     assert {"ort fp32", "hyfx int8 minmax"} <= set(timings)
-    assert timings["hyfx int8 minmax"]["bytes"] < timings["ort fp32"]["bytes"] / 2
+    # how many layers stay int8 is decided by timing on this CPU (all of them where VNNI makes int8 pay; size of the
+    # all-int8 export: test_backends); whichever it is, the model shrinks and the note says it
+    int8, fp32_left = map(int, re.match(r"(\d+) layers int8, (\d+) FP32", result["ort"]["notes"]["hyfx int8 minmax"]).groups())
+    assert int8 >= 1 and int8 + fp32_left == 50
+    assert timings["hyfx int8 minmax"]["bytes"] < timings["ort fp32"]["bytes"]
     assert math.isclose(timings["ort fp32"]["bs1_x_fp32"], 1.0)
     assert result["ort"]["accuracy"]["hyfx int8 minmax"]["agreement"] >= 90
     json.dumps(result)  # the report is JSON as it stands

@@ -94,6 +94,33 @@ def test_insert_quant_weight_only_and_weight_plus_activation():
     assert out.shape == (2, 5) and torch.isfinite(out).all()
 
 
+def test_fuse_qdq_runs_every_uniform_pair_as_one_op_with_the_same_values():
+    from hyfx.passes.fuse_qdq import fuse_qdq
+
+    model, x, gm = _captured()
+    hg = hyfx.analyze(gm)
+    calib = [torch.randn(4, 3, 6, 6) * 2 + 0.3 for _ in range(2)]
+    plan = hyfx.recipes.minmax(hg, calib, progress=False)  # per-channel weights, per-tensor asymmetric inputs
+    per_channel_act = QuantSpec(scheme="asymmetric", granularity="channel", axis=1).with_params(
+        [0.011, 0.023, 0.0071, 0.05, 0.031, 0.017, 0.009, 0.04], [3, 250, 128, 0, 17, 99, 200, 128])
+    plan.layers["blocks.0.conv_kxk"].inputs[0] = per_channel_act
+    plan.set("blocks.0.softmax", LayerPolicy(output=QuantSpec(kind="log2").with_params([0.07], [240])))
+    unfused = insert_quant(hg.gm, plan)
+    fused = fuse_qdq(unfused)
+    targets = [str(n.target) for n in fused.graph.nodes]
+    pairs = sum(t.startswith("quantized_decomposed.quantize_per") for t in (str(n.target) for n in unfused.graph.nodes))
+    assert pairs > 5 and not any(t.startswith("quantized_decomposed") for t in targets)
+    per_channel = sum(spec.granularity == "channel" for _, _, spec in plan.specs())  # weights and the one input
+    assert targets.count("hyfx.uniform_fake_quant_per_channel.default") == per_channel > 1
+    assert targets.count("hyfx.log2_fake_quant.default") == 1  # single-op quantizers stay as they are
+    assert sum(t.startswith("hyfx.uniform_fake_quant") for t in targets) == pairs
+    with torch.no_grad():
+        for batch in [x, *calib, torch.randn(3, 3, 6, 6) * 50]:  # clamped values too
+            assert torch.equal(fused(batch), unfused(batch))
+    assert [str(n.target) for n in unfused.graph.nodes].count("quantized_decomposed.quantize_per_tensor.default")
+    assert torch.equal(hyfx.quantize(hg, plan)(x), fused(x))  # hyfx.quantize returns the fused form
+
+
 def test_insert_quant_rejects_plans_for_other_models_and_uncalibrated_specs():
     _, _, gm = _captured()
     hg = hyfx.analyze(gm)
