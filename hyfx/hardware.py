@@ -24,6 +24,7 @@ from hyfx.cpu import cpu_info
 from hyfx.errors import HyfxError
 from hyfx.meta import TAGS
 from hyfx.ops import CONV, LINEAR, MATMUL, QUANT, RESHAPE, example_shape, weight_arg
+from hyfx.quant.quantizers import qd  # also registers the fused hyfx fake-quant ops model_bytes reads
 
 QUANTIZABLE = (CONV, LINEAR, MATMUL)
 OUTPUT_BYTES_PER_ELEMENT = 1  # a layer's output is requantized to int8 for the next layer in a deployed int graph
@@ -385,12 +386,13 @@ class MeasuredLatency:
 def model_bytes(qgm: fx.GraphModule) -> float:
     """Bytes of a quantized graph's constants, read from the graph itself (not from the plan).
 
-    A weight that feeds a quantize op counts at the op's bit-width (ceil(bits × numel / 8)) plus 4 bytes per
-    scale and 1 per non-zero zero point; hyfx's scale / zero-point buffers are counted that way, not again;
-    every other constant counts at its storage size.
+    A weight that feeds a quantize op (or a fused fake-quant op, `hyfx.passes.fuse_qdq`) counts at the op's
+    bit-width (ceil(bits × numel / 8)) plus 4 bytes per scale and 1 per non-zero zero point; hyfx's scale /
+    zero-point buffers are counted that way, not again; every other constant counts at its storage size.
     """
-    qd = torch.ops.quantized_decomposed
-    quantize_ops = {qd.quantize_per_tensor.default, qd.quantize_per_channel.default}
+    hyfx_ops = torch.ops.hyfx
+    per_channel = {qd.quantize_per_channel.default, hyfx_ops.uniform_fake_quant_per_channel.default}
+    quantize_ops = {qd.quantize_per_tensor.default, hyfx_ops.uniform_fake_quant.default, *per_channel}  # same args
     total = 0.0
     quantized: set[str] = set()
     for node in qgm.graph.nodes:
@@ -400,7 +402,7 @@ def model_bytes(qgm: fx.GraphModule) -> float:
         if not (isinstance(src, fx.Node) and src.op == "get_attr"):
             continue  # an activation quantizer
         weight = _get(qgm, src.target)
-        if node.target == qd.quantize_per_channel.default:
+        if node.target in per_channel:
             scale, zero_point = (_get(qgm, a.target) for a in node.args[1:3])
             qmin, qmax = node.args[4], node.args[5]
             n_scales, n_zp = scale.numel(), int((zero_point != 0).sum())

@@ -12,7 +12,7 @@ from hyfx import cli
 from hyfx.errors import HyfxError
 from hyfx.hardware import BitConfig, this_cpu
 from hyfx.mixed import distributed
-from hyfx.mixed.distributed import GraphRecipe, split_layers
+from hyfx.mixed.distributed import GraphRecipe, plan_tasks, split_layers
 from hyfx.mixed.sensitivity import build_table
 
 ray = pytest.importorskip("ray", reason="the distributed extra (pip install -e '.[distributed]') is not installed")
@@ -33,6 +33,18 @@ def test_split_layers_covers_every_layer_once():
     assert split_layers(["a"], 8) == [["a"]]
 
 
+@pytest.mark.parametrize("n_images, workers, n_tasks", [(32, 2, 2), (48, 2, 6), (16, 2, 2), (16, 1, 1), (50_000, 8, 3125)])
+def test_tasks_split_images_by_chunk_and_layers_only_to_even_out_the_workers(n_images, workers, n_tasks):
+    layers = [f"l{i}" for i in range(10)]
+    tasks = plan_tasks(n_images, 16, layers, workers)
+    assert len(tasks) == n_tasks
+    pairs = [(images, layer) for images, group in tasks for layer in group]
+    assert len(pairs) == len(set(pairs)) == len(layers) * -(-n_images // 16)  # every (chunk, layer) once
+    assert all(stop - start == 16 for (start, stop), _ in tasks[:-1]) and tasks[-1][0][1] == n_images
+    if n_images < 4 * 16 * workers:  # few chunks: equal task counts per worker, as few layer splits as that needs
+        assert len(tasks) % workers == 0 and len({len(g) for _, g in tasks}) <= 2
+
+
 def test_distributed_table_is_the_serial_table_bit_for_bit():
     recipe = GraphRecipe(tiny_model(), (1, 3, 16, 16))
     hg = recipe()
@@ -44,15 +56,23 @@ def test_distributed_table_is_the_serial_table_bit_for_bit():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers run one thread each: the serial reference does too
     try:
-        serial, _ = build_table(hg, calib, evaluation, configs, profile=profile, chunk=4, progress=False)
+        serial = {chunk: build_table(hg, calib, evaluation, configs, profile=profile, chunk=chunk, progress=False)[0]
+                  for chunk in (4, 16)}
     finally:
         torch.set_num_threads(threads)
-    spread, _ = build_table(hg, calib, evaluation, configs, profile=profile, chunk=4, workers=2, rebuild=recipe,
-                            progress=False)
-    stats = distributed.LAST_RUN
-    assert spread.to_dict() == serial.to_dict()  # KL, top-1, top-5 of every entry, and the pruning, identical
-    assert serial.has_accuracy() and len(serial.entries) == 2 * len(hg.layers())
-    assert stats["workers"] == 2 and stats["tasks"] == min(len(hg.layers()), 8) and len(stats["setup_seconds"]) == 2
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        for chunk, tasks in ((4, 4), (16, 2)):
+            # 14 images in chunks of 4: four whole-chunk tasks, two per worker, no FP32 pass repeated; in one chunk
+            # of 16: its layers in two groups, one per worker
+            spread, _ = build_table(hg, calib, evaluation, configs, profile=profile, chunk=chunk, workers=2,
+                                    rebuild=recipe, progress=False)
+            stats = distributed.LAST_RUN
+            assert spread.to_dict() == serial[chunk].to_dict()  # KL, top-1, top-5 of every entry, the pruning
+            assert stats["workers"] == 2 and stats["tasks"] == tasks and len(stats["setup_seconds"]) == 2
+    finally:
+        ray.shutdown()
+    assert serial[4].has_accuracy() and len(serial[4].entries) == 2 * len(hg.layers())
 
 
 def test_without_ray_workers_is_a_one_line_error(monkeypatch):

@@ -20,15 +20,12 @@ def _distinct_values_ok(qgm: torch.fx.GraphModule, plan: hyfx.QuantPlan) -> int:
     checked = 0
     for node in qgm.graph.nodes:
         info = node.meta.get("hyfx", {})
-        if info.get("kind") != "quant" or info.get("role") != "weight" or "dequantize" not in str(node.target):
-            continue
+        if info.get("kind") != "quant" or info.get("role") != "weight" or "fake_quant" not in str(node.target):
+            continue  # hyfx.quantize runs each weight's quantize → dequantize pair as one op (passes.fuse_qdq)
         spec = plan.layers[info["quantizes"]].weight
-        weight = node.args[0].args[0]
         with torch.no_grad():
-            w = getattr_path(qgm, weight.target)
-            args = [getattr_path(qgm, a.target) if isinstance(a, torch.fx.Node) else a for a in node.args[1:]]
-            q = node.args[0].target(w, *args)
-            dq = node.target(q, *args)
+            w, *args = [getattr_path(qgm, a.target) if isinstance(a, torch.fx.Node) else a for a in node.args]
+            dq = node.target(w, *args)
         per = dq.reshape(dq.shape[0], -1) if spec.granularity == "channel" else dq.reshape(1, -1)
         assert max(len(torch.unique(row)) for row in per) <= 2**spec.bits
         assert not torch.equal(dq, w), "weight left unchanged by its quantizer"

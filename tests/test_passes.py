@@ -119,6 +119,9 @@ def test_fuse_qdq_runs_every_uniform_pair_as_one_op_with_the_same_values():
             assert torch.equal(fused(batch), unfused(batch))
     assert [str(n.target) for n in unfused.graph.nodes].count("quantized_decomposed.quantize_per_tensor.default")
     assert torch.equal(hyfx.quantize(hg, plan)(x), fused(x))  # hyfx.quantize returns the fused form
+    from hyfx.hardware import model_bytes
+
+    assert model_bytes(fused) == model_bytes(unfused) < model_bytes(hg.gm) / 2  # weights read at their bits in both
 
 
 def test_insert_quant_rejects_plans_for_other_models_and_uncalibrated_specs():

@@ -1,12 +1,14 @@
-"""The sensitivity table on Ray: layers spread over workers that each hold the model and images once.
+"""The sensitivity table on Ray: (image chunk × layers) tasks on workers that each hold the model and images once.
 
-Every (layer, config) entry of the table is independent of the others, so the layers are split into tasks and
-run on Ray actors. An actor is built once per worker: it receives the analysed-graph recipe (`rebuild`, a picklable
-callable: fx graphs themselves do not pickle), the images and the per-(layer, config) policies through Ray's object
-store, rebuilds the graph, pins its torch threads, and then runs any number of layer tasks on them. Each task
-computes exactly what the serial loop computes for its layers (same chunks, same kernels at the same thread
-count), so the merged table is the serial one, bit for bit. Without an address a local Ray is started in-process
-with `workers` CPUs and shut down afterwards; with one, the work goes to that cluster.
+Every (layer, config) entry of the table is independent of the others, and so is every chunk of images: the serial
+loop runs the FP32 graph once per chunk and then each layer's suffix from that chunk's activations. A task is one
+chunk (and, only where there are too few chunks to share out evenly, one group of layers), so no FP32 pass is
+repeated beyond that split. Tasks run on Ray actors: an actor is built once per worker, receives the analysed-graph
+recipe (`rebuild`, a picklable callable: torch.export graphs do not pickle), the images and the per-(layer, config)
+policies through Ray's object store, rebuilds the graph, pins its torch threads, and then runs any number of tasks.
+Each task computes exactly what the serial loop computes for its chunk and layers (same chunk boundaries, same
+kernels at the same thread count), so the merged table is the serial one, bit for bit. Without an address a local
+Ray is started in-process with `workers` CPUs and shut down afterwards; with one, the work goes to that cluster.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from hyfx.graph import HybridGraph
 from hyfx.hardware import BitConfig
 from hyfx.quant.spec import LayerPolicy
 
-TASKS_PER_WORKER = 4  # small tasks balance uneven layers; each costs one FP32 pass over the images
+BALANCED_CHUNKS = 4  # chunks per worker from which whole-chunk tasks balance well enough on their own
 LAST_RUN: dict = {}  # timings of the latest distributed run (workers, tasks, setup and task seconds, wall seconds)
 
 
@@ -57,6 +59,17 @@ def split_layers(layers: Sequence[str], tasks: int) -> list[list[str]]:
     return [list(layers[i::tasks]) for i in range(tasks)]
 
 
+def plan_tasks(n_images: int, chunk: int, layers: Sequence[str], workers: int
+               ) -> list[tuple[tuple[int, int], list[str]]]:
+    """((start, stop) of one chunk of images, its layers) per task. With a few chunks per worker or more, every
+    chunk is one task (the pool evens out what is left over); with fewer, each chunk's layers are split into the
+    fewest groups that give every worker the same number of tasks (each group repeats the chunk's FP32 pass)."""
+    chunks = [(start, min(start + chunk, n_images)) for start in range(0, n_images, chunk)]
+    groups = 1 if len(chunks) >= BALANCED_CHUNKS * workers else next(
+        g for g in range(1, workers + 1) if (len(chunks) * g) % workers == 0 or g == len(layers))
+    return [(c, group) for c in chunks for group in split_layers(layers, groups)]
+
+
 class LayerWorker:
     """One worker's state: the rebuilt graph, the images and the policies, received once."""
 
@@ -74,11 +87,11 @@ class LayerWorker:
         self.configs, self.policy_of, self.x_all, self.chunk = list(configs), policy_of, x_all, chunk
         self.setup_seconds = time.perf_counter() - start
 
-    def run(self, layers: Sequence[str]) -> tuple[torch.Tensor, dict, float]:
+    def run(self, images: tuple[int, int], layers: Sequence[str]) -> tuple[tuple[int, int], torch.Tensor, dict, float]:
         start = time.perf_counter()
-        fp32, logits = self.compute(self.hg, layers, self.configs, self.policy_of, self.x_all, self.chunk,
-                                    progress=False)
-        return fp32, logits, time.perf_counter() - start
+        fp32, logits = self.compute(self.hg, layers, self.configs, self.policy_of, self.x_all[images[0]:images[1]],
+                                    self.chunk, progress=False)
+        return images, fp32, logits, time.perf_counter() - start
 
 
 def distributed_layer_logits(compute: Callable, rebuild: Callable[[], HybridGraph] | None, layers: Sequence[str],
@@ -102,22 +115,22 @@ def distributed_layer_logits(compute: Callable, rebuild: Callable[[], HybridGrap
         actor = ray.remote(num_cpus=threads)(LayerWorker)
         shared = [ray.put(v) for v in (compute, rebuild, list(layers), list(configs), policy_of, x_all)]
         actors = [actor.remote(*shared, chunk, threads) for _ in range(workers)]
-        groups = split_layers(layers, workers * TASKS_PER_WORKER)
-        pending = {actors[i % workers].run.remote(group): group for i, group in enumerate(groups)}
-        fp32, logits, task_seconds = None, {}, []
+        tasks = plan_tasks(len(x_all), chunk, layers, workers)
+        fp32: dict[tuple[int, int], torch.Tensor] = {}
+        parts: dict[tuple[int, int], dict] = {}
+        task_seconds = []
+        from ray.util import ActorPool
         from tqdm import tqdm
 
-        with tqdm(total=len(layers), desc=f"sensitivity ({workers} workers)", disable=not progress, leave=False) as bar:
-            while pending:
-                done, _ = ray.wait(list(pending), num_returns=1)
-                group = pending.pop(done[0])
-                out, part, seconds = ray.get(done[0])
-                fp32 = out if fp32 is None else fp32
-                logits.update(part)
-                task_seconds.append(seconds)
-                bar.update(len(group))
+        # the pool hands each task to the next idle actor: a slower machine of a cluster simply runs fewer
+        results = ActorPool(actors).map_unordered(lambda a, task: a.run.remote(*task), tasks)
+        for images, out, part, seconds in tqdm(results, total=len(tasks), desc=f"sensitivity ({workers} workers)",
+                                               disable=not progress, leave=False):
+            fp32.setdefault(images, out)
+            parts.setdefault(images, {}).update(part)
+            task_seconds.append(seconds)
         LAST_RUN.clear()
-        LAST_RUN.update(workers=workers, threads=threads, tasks=len(groups), task_seconds=task_seconds,
+        LAST_RUN.update(workers=workers, threads=threads, tasks=len(tasks), task_seconds=task_seconds,
                         setup_seconds=ray.get([a.__ray_call__.remote(lambda self: self.setup_seconds) for a in actors]),
                         wall_seconds=time.perf_counter() - wall)
         for a in actors:
@@ -125,4 +138,6 @@ def distributed_layer_logits(compute: Callable, rebuild: Callable[[], HybridGrap
     finally:
         if started:
             ray.shutdown()
-    return fp32, logits
+    order = sorted(fp32)  # chunks in image order, as the serial loop concatenates them
+    logits = {key: torch.cat([parts[c][key] for c in order]) for key in parts[order[0]]}
+    return torch.cat([fp32[c] for c in order]), logits

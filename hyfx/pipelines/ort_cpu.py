@@ -101,8 +101,9 @@ def compile_cpu(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader:
     2. The layer latency table times each layer's int8 island against FP32 at its shape and `batch`.
     3. For each threshold t, the layers whose island speedup is ≥ t stay int8 (with the ops grown between
        them); each candidate is lowered from the one export and timed whole in ORT (one thread, thread CPU
-       time, interleaved); the fastest wins, the one with more int8 layers where two are within `TIE`. Whole-model timing decides because layout changes between
-       int8 (NHWC) and FP32 (NCHWc) convolutions cost more than any single layer's table entry shows.
+       time, interleaved); the fastest wins, the one with more int8 layers where two are within `TIE`.
+       Whole-model timing decides because layout changes between int8 (NHWC) and FP32 (NCHWc) convolutions
+       cost more than any single layer's table entry shows.
     """
     full, hg, bits = cpu_plan(gm, plan, calib_loader, weight_bits=weight_bits, max_batches=max_batches,
                               exact_weights=exact_weights)
