@@ -1,6 +1,6 @@
 """Reproduction report: the seed papers' tables on hyfx, with plots, in one command.
 
-For every real-weight zoo model (lite0-real; lite0-vit-real when its checkpoint exists), `hyfx.pipelines.bench`:
+For every real-weight zoo model (lite0/1/2-real and the hybrids whose checkpoints exist), `hyfx.pipelines.bench`:
 EfficientQuant's Table 1 analogue and Q-HyViT's Tables 1-3 (W8A8 / W6A6, partial and full quantization,
 ablation) on one set of evaluation images, with the published numbers that could be traced beside ours;
 the ONNX Runtime latency / size table (plus mobilevit_s, the HySquant paper's model, for speed only: random
@@ -50,8 +50,8 @@ def _log(line: str) -> None:
 
 
 def real_models() -> list[str]:
-    """lite0-real (the CNN the first hybrid grew from) and every hybrid whose checkpoint is present."""
-    return ["lite0-real"] + zoo.built_hybrids()
+    """Every real-weight zoo model: the three EfficientNet-Lite teachers and every hybrid whose checkpoint is present."""
+    return zoo.real_weight_models()
 
 
 # ---------------------------------------------------------------------------------------------- HySquant
@@ -375,6 +375,13 @@ def main() -> int:
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("--no-peers", action="store_true", help="skip the NNCF / ORT quantize_static rows (NNCF is "
                         "in the bench extra)")
+    parser.add_argument("--no-latency", action="store_true", help="skip the ORT latency / size tables (accuracy only; "
+                        "benchmarks/deployed_int8.py times every runtime in one loop)")
+    parser.add_argument("--resume", action="store_true", help="keep the models reproduce.json already holds in full "
+                        "(accuracy and peers) and run only the others")
+    parser.add_argument("--workers", type=int, default=1, help="make the accuracy tables' plans on this many Ray "
+                        "workers (the distributed extra)")
+    parser.add_argument("--ray-address", default=None, help="that work on this Ray cluster instead of a local Ray")
     parser.add_argument("--render-only", action="store_true")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
@@ -393,6 +400,15 @@ def main() -> int:
         args.speed_models, hysquant_models, ablation, full = [], [], False, False
     report = {"command": "python benchmarks/reproduce.py " + " ".join(sys.argv[1:]), "environment": environment(args.threads),
               "models": [], "speed_only": [], "hysquant": [], "timings": {}}
+    if args.resume and (out / "reproduce.json").is_file():
+        earlier = json.loads((out / "reproduce.json").read_text())
+        report["models"] = [r for r in earlier["models"] if r["model"] in models and "seconds" in r
+                            and (args.no_peers or "peers" in r)]
+        report["timings"] = {k: v for k, v in earlier.get("timings", {}).items()
+                             if any(k.startswith(f"{r['model']}:") for r in report["models"])}
+        _log(f"resuming: keeping {', '.join(r['model'] for r in report['models']) or 'nothing'}")
+    if args.no_latency:
+        args.speed_models = []
     start = time.perf_counter()
 
     def save(_: dict | None = None) -> None:
@@ -400,9 +416,12 @@ def main() -> int:
 
     rows = variants(args.methods, ablation=ablation, full=full)
     for name in models:
+        if any(r["model"] == name for r in report["models"]):
+            continue
         t0 = time.perf_counter()
         report["models"].append({"model": name})
-        result = bench_model(name, bits=args.bits, rows=rows, runs=args.runs, threads=args.threads,
+        result = bench_model(name, bits=args.bits, rows=rows, latency=not args.no_latency, runs=args.runs,
+                             threads=args.threads, workers=args.workers, ray_address=args.ray_address,
                              on_update=lambda r: (report["models"].__setitem__(-1, r), save()))
         report["models"][-1] = result
         report["timings"][f"{name}: accuracy tables + ORT"] = round(time.perf_counter() - t0, 1)
@@ -433,6 +452,7 @@ def main() -> int:
         report["hysquant"].append(hysquant_fronts(name, args, out))
         report["timings"][f"{name}: HySquant table + fronts"] = round(time.perf_counter() - t0, 1)
         save()
+    report["models"].sort(key=lambda r: models.index(r["model"]) if r["model"] in models else len(models))
     report["tensorrt"] = tensorrt_rows()
     report["seconds"] = round(time.perf_counter() - start, 1)
     render_all(report, out)

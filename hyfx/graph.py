@@ -8,6 +8,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 import networkx as nx
+import torch
 import torch.fx as fx
 
 from hyfx.errors import HyfxError
@@ -172,3 +173,19 @@ def _first_weighted(start: list[fx.Node], neighbours) -> set[fx.Node]:
             elif kind != MATMUL:
                 stack.append(node)
     return found
+
+
+@dataclass(frozen=True)
+class GraphRecipe:
+    """How another process (a Ray worker) rebuilds the analysed graph: capture `model` on an input of `shape` and
+    analyse it as the driver did (`split_outliers`). Capture is deterministic, so every worker gets the driver's
+    graph; the recipe pickles where the graph does not (torch.export graphs hold unpicklable callables)."""
+
+    model: torch.nn.Module
+    shape: tuple[int, ...]
+    split_outliers: float | None = None
+
+    def __call__(self) -> HybridGraph:
+        from hyfx.capture import capture
+
+        return analyze(capture(self.model.eval(), torch.zeros(self.shape)), self.split_outliers)

@@ -52,6 +52,7 @@ class Graft:
     kind: str = "mobilevit"
     resolution: int = 0  # EfficientFormerV2 kinds: feature map side at the block's input (attention biases)
     out_channels: int = 0  # the downsampling kind: channels out (0: unchanged)
+    kernel: int = 3  # MobileViT kinds: side of the block's local depthwise conv (1: no local mixing)
 
     @property
     def path(self) -> str:
@@ -111,6 +112,10 @@ LITE1_V2_GRAFTS: dict[str, tuple[Graft, ...]] = {
     "last-block": (
         Graft(stage=4, start=3, stop=4, transformer_dim=96, depth=2, patch=1, kind="mobilevitv2"),
         Graft(stage=5, start=4, stop=5, transformer_dim=144, depth=2, patch=2, kind="mobilevitv2"),
+    ),
+    "last-block-k1": (
+        Graft(stage=4, start=3, stop=4, transformer_dim=96, depth=2, patch=1, kind="mobilevitv2", kernel=1),
+        Graft(stage=5, start=4, stop=5, transformer_dim=144, depth=2, patch=2, kind="mobilevitv2", kernel=1),
     ),
     "stride32-two-block": (
         Graft(stage=4, start=3, stop=4, transformer_dim=96, depth=2, patch=1, kind="mobilevitv2"),
@@ -206,7 +211,7 @@ def make_mobilevit_block(channels: int, graft: Graft) -> MobileVitBlock:
     block = MobileVitBlock(
         channels,
         channels,
-        kernel_size=3,
+        kernel_size=graft.kernel,
         mlp_ratio=graft.mlp_ratio,
         transformer_dim=graft.transformer_dim,
         transformer_depth=graft.depth,
@@ -227,7 +232,7 @@ def make_mobilevitv2_block(channels: int, graft: Graft) -> Residual:
     """A timm MobileViTv2 block (SiLU, GroupNorm, linear projection out) on a residual connection."""
     act = nn.SiLU
     layers = LayerFn(conv_norm_act=partial(ConvNormAct, act_layer=act), act=act)
-    return Residual(MobileVitV2Block(channels, channels, kernel_size=3, mlp_ratio=graft.mlp_ratio,
+    return Residual(MobileVitV2Block(channels, channels, kernel_size=graft.kernel, mlp_ratio=graft.mlp_ratio,
                                      transformer_dim=graft.transformer_dim or channels,
                                      transformer_depth=graft.depth, patch_size=graft.patch, layers=layers))
 

@@ -14,7 +14,8 @@ PACKAGE = ROOT / "hyfx"
 
 # Each stage may import only the stages in earlier rows (and itself); ARCHITECTURE.md explains the order.
 STAGES: list[tuple[str, ...]] = [
-    ("hyfx.errors", "hyfx.meta", "hyfx.ops", "hyfx.cpu", "hyfx.timing", "hyfx.registry", "hyfx.files"),
+    ("hyfx.errors", "hyfx.meta", "hyfx.ops", "hyfx.cpu", "hyfx.timing", "hyfx.registry", "hyfx.files",
+     "hyfx.ray_workers"),
     ("hyfx.quant",),
     ("hyfx.data", "hyfx.evaluate"),
     ("hyfx.passes",),

@@ -8,11 +8,11 @@ from timm.models.byobnet import LayerFn
 from timm.models.mobilevit import MobileVitBlock
 from torch import nn
 
-from hyfx import cli
+from hyfx import cli, ray_workers
 from hyfx.errors import HyfxError
+from hyfx.graph import GraphRecipe
 from hyfx.hardware import BitConfig, this_cpu
-from hyfx.mixed import distributed
-from hyfx.mixed.distributed import GraphRecipe, plan_tasks, split_layers
+from hyfx.mixed.distributed import plan_tasks, split_layers
 from hyfx.mixed.sensitivity import build_table
 
 ray = pytest.importorskip("ray", reason="the distributed extra (pip install -e '.[distributed]') is not installed")
@@ -33,7 +33,8 @@ def test_split_layers_covers_every_layer_once():
     assert split_layers(["a"], 8) == [["a"]]
 
 
-@pytest.mark.parametrize("n_images, workers, n_tasks", [(32, 2, 2), (48, 2, 6), (16, 2, 2), (16, 1, 1), (50_000, 8, 3125)])
+@pytest.mark.parametrize("n_images, workers, n_tasks", [(32, 2, 4), (48, 2, 6), (16, 2, 4), (16, 1, 2), (160, 2, 10),
+                                                        (50_000, 8, 3125)])
 def test_tasks_split_images_by_chunk_and_layers_only_to_even_out_the_workers(n_images, workers, n_tasks):
     layers = [f"l{i}" for i in range(10)]
     tasks = plan_tasks(n_images, 16, layers, workers)
@@ -41,8 +42,8 @@ def test_tasks_split_images_by_chunk_and_layers_only_to_even_out_the_workers(n_i
     pairs = [(images, layer) for images, group in tasks for layer in group]
     assert len(pairs) == len(set(pairs)) == len(layers) * -(-n_images // 16)  # every (chunk, layer) once
     assert all(stop - start == 16 for (start, stop), _ in tasks[:-1]) and tasks[-1][0][1] == n_images
-    if n_images < 4 * 16 * workers:  # few chunks: equal task counts per worker, as few layer splits as that needs
-        assert len(tasks) % workers == 0 and len({len(g) for _, g in tasks}) <= 2
+    if n_images < 4 * 16 * workers:  # few chunks: 2+ tasks per worker, equal counts, as few layer splits as that needs
+        assert len(tasks) % workers == 0 and len(tasks) >= 2 * workers and len({len(g) for _, g in tasks}) <= 2
 
 
 def test_distributed_table_is_the_serial_table_bit_for_bit():
@@ -62,17 +63,50 @@ def test_distributed_table_is_the_serial_table_bit_for_bit():
         torch.set_num_threads(threads)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        for chunk, tasks in ((4, 4), (16, 2)):
+        for chunk, tasks in ((4, 4), (16, 4)):
             # 14 images in chunks of 4: four whole-chunk tasks, two per worker, no FP32 pass repeated; in one chunk
-            # of 16: its layers in two groups, one per worker
+            # of 16: its layers in four groups, two per worker
             spread, _ = build_table(hg, calib, evaluation, configs, profile=profile, chunk=chunk, workers=2,
                                     rebuild=recipe, progress=False)
-            stats = distributed.LAST_RUN
+            stats = ray_workers.LAST_RUN
             assert spread.to_dict() == serial[chunk].to_dict()  # KL, top-1, top-5 of every entry, the pruning
             assert stats["workers"] == 2 and stats["tasks"] == tasks and len(stats["setup_seconds"]) == 2
     finally:
         ray.shutdown()
     assert serial[4].has_accuracy() and len(serial[4].entries) == 2 * len(hg.layers())
+
+
+def test_accuracy_tables_on_ray_are_the_serial_tables():
+    """`hyfx bench --workers`: every row's plan and predictions made on Ray workers, the same figures as serially."""
+    from hyfx.pipelines.bench import Variant, accuracy_tables
+
+    recipe = GraphRecipe(tiny_model(), (1, 3, 16, 16))
+    hg = recipe()
+    gen = torch.Generator().manual_seed(1)
+    calib = [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(2)]
+    evaluation = [(torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen))]
+    rows = [Variant("minmax", "minmax"), Variant("ptq4vit", "ptq4vit"), Variant("minmax (full)", "minmax", {"full": True},
+                                                                               "full")]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        serial = accuracy_tables(hg, calib, evaluation, bits=(8, 4), rows=rows)
+        spread = accuracy_tables(hg, calib, evaluation, bits=(8, 4), rows=rows, workers=2, rebuild=recipe)
+    finally:
+        torch.set_num_threads(threads)
+
+    def figures(tables: dict) -> dict:
+        return {b: {label: {k: v for k, v in row.items() if k not in ("plan_seconds", "plan_vs_fp32_pass")}
+                    for label, row in rows_.items()} for b, rows_ in tables["bits"].items()}
+
+    assert figures(spread) == figures(serial) and set(serial["bits"]) == {"8", "4"}
+    assert ray_workers.LAST_RUN["tasks"] == 6 and ray_workers.LAST_RUN["workers"] == 2
+    assert serial["bits"]["4"]["minmax"]["kl"] > serial["bits"]["8"]["minmax"]["kl"] > 0  # real quantized runs
+
+
+def test_bench_cli_refuses_bad_worker_counts(capsys):
+    assert cli.main(["bench", "lite0-real", "--workers", "0"]) == 2
+    assert "--workers 0" in capsys.readouterr().err
 
 
 def test_without_ray_workers_is_a_one_line_error(monkeypatch):
@@ -87,7 +121,7 @@ def test_without_ray_workers_is_a_one_line_error(monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_ray)
     with pytest.raises(HyfxError, match=r"pip install -e \"\.\[distributed\]\""):
-        distributed.require_ray()
+        ray_workers.require_ray()
 
 
 def test_search_cli_refuses_bad_worker_counts(capsys, sample_images):

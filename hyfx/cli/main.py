@@ -194,7 +194,7 @@ def _deployed(gm: torch.fx.GraphModule, plan: hyfx.QuantPlan, backend: str, prec
 
 def cmd_search(args: argparse.Namespace) -> int:
     from hyfx.cli.search import check_search_args, search_command
-    from hyfx.mixed.distributed import GraphRecipe
+    from hyfx.graph import GraphRecipe
 
     check_search_args(args)  # bad budgets fail before the model is built
     model = _model(args)
@@ -212,11 +212,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from hyfx.cli.ray_options import check_ray_args
     from hyfx.pipelines.bench import METHODS, bench_model, variants
     from hyfx.pipelines.bench_report import render
 
     for b in args.bits:
         check_bits(b)  # bad bit-widths fail before the model is built
+    check_ray_args(args)
     if args.quick:
         args.bits, args.methods, args.no_ablation, args.no_full, args.runs = [8], ["minmax", "qhyvit"], True, True, 10
     rows = variants(args.methods or METHODS, ablation=not args.no_ablation, full=not args.no_full)
@@ -228,7 +230,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     result = bench_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, folder=args.data,
                          n_calib=args.n_calib, n_eval=args.n_eval, seed=args.seed, bits=args.bits, rows=rows,
-                         latency=not args.no_latency, runs=args.runs, threads=args.threads, on_update=save)
+                         latency=not args.no_latency, runs=args.runs, threads=args.threads, on_update=save,
+                         workers=args.workers, ray_address=args.ray_address)
     save(result)
     report = render([result], title=f"hyfx bench {args.model}")
     write_text(out.with_suffix(".md"), report + "\n")
@@ -322,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_arguments(p)
     p.set_defaults(func=cmd_export)
 
+    from hyfx.cli.ray_options import add_ray_arguments
     from hyfx.pipelines.bench import METHODS
 
     p = sub.add_parser("bench", help="one model through the seed papers' tables (recipes × bits, full quantization, "
@@ -339,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", type=int, default=30, help="timed runs per latency median")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="W8A8 minmax and qhyvit only, 10 timed runs")
+    add_ray_arguments(p, "make the accuracy tables' plans")
     p.add_argument("--out", help="output stem: writes <stem>.json and <stem>.md (default bench_<model>)")
     p.set_defaults(func=cmd_bench)
     return parser

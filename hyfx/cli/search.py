@@ -9,6 +9,7 @@ from pathlib import Path
 import torch.fx as fx
 
 import hyfx
+from hyfx.cli.ray_options import add_ray_arguments, check_ray_args
 from hyfx.data import ImageSet, make_loader, verify_images
 from hyfx.errors import HyfxError
 from hyfx.files import write_text
@@ -50,10 +51,7 @@ def add_search_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", default="plan.json")
-    p.add_argument("--workers", type=int, default=1, help="build the sensitivity table on this many Ray workers "
-                   "(one torch thread each; needs pip install -e \".[distributed]\")")
-    p.add_argument("--ray-address", default=None, help="send the table's work to this Ray cluster (default: a local "
-                   "Ray started in-process with --workers CPUs)")
+    add_ray_arguments(p, "build the sensitivity table")
 
 
 def check_search_args(args: argparse.Namespace) -> tuple[list[Budget], list[BitConfig]]:
@@ -67,12 +65,7 @@ def check_search_args(args: argparse.Namespace) -> tuple[list[Budget], list[BitC
     for name in ("n_calib", "n_eval", "n_val"):
         if getattr(args, name) < (1 if name == "n_calib" else 0):
             raise HyfxError(f"--{name.replace('_', '-')} must be {'positive' if name == 'n_calib' else '0 or more'}")
-    if args.workers < 1:
-        raise HyfxError(f"--workers {args.workers}: give 1 or more")
-    if args.workers > 1 or args.ray_address:
-        from hyfx.mixed.distributed import require_ray
-
-        require_ray()  # a missing extra fails before the model is built
+    check_ray_args(args)
     return budgets, configs
 
 

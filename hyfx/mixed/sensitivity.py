@@ -34,6 +34,9 @@ from hyfx.quant.calibrate import calibrate_activations
 from hyfx.quant.quantizers import calibrate_weight, qd
 from hyfx.quant.spec import LayerPolicy, QuantPlan, QuantSpec
 
+# images per FP32 pass whose activations each layer's suffix reruns from: 8 keeps a lite0-sized model's activations
+# closer to cache than 16, faster alone and with two workers slowing each other less (README, "on Ray")
+CHUNK = 8
 COLLAPSE_DROP = 10.0  # top-1 points lost by one layer alone at low activation bits that count as a collapse
 
 
@@ -288,7 +291,7 @@ def layer_kinds(hg: HybridGraph, layers: Sequence[str]) -> dict[str, str]:
 
 
 def layer_logits(hg: HybridGraph, layers: Sequence[str], configs: Sequence[BitConfig],
-                 policy_of: dict[tuple[str, str], LayerPolicy], x_all: torch.Tensor, chunk: int = 16,
+                 policy_of: dict[tuple[str, str], LayerPolicy], x_all: torch.Tensor, chunk: int = CHUNK,
                  progress: bool = True) -> tuple[torch.Tensor, dict[tuple[str, str], torch.Tensor]]:
     """(FP32 logits, logits with each (layer, config) quantized alone) on `x_all`, `chunk` images at a time:
     the suffix of the graph after each layer is rerun from the FP32 activations."""
@@ -334,7 +337,7 @@ def layer_logits(hg: HybridGraph, layers: Sequence[str], configs: Sequence[BitCo
 def build_table(gm: fx.GraphModule | HybridGraph, calib_loader: Iterable, eval_loader: Iterable | None = None,
                 configs: Sequence[BitConfig] = DEFAULT_CONFIGS, latency: LatencyModel | None = None,
                 profile: DeviceProfile | None = None, layers: Sequence[str] | None = None, model: str = "",
-                observer: str = "minmax", chunk: int = 16, collapse_drop: float = COLLAPSE_DROP,
+                observer: str = "minmax", chunk: int = CHUNK, collapse_drop: float = COLLAPSE_DROP,
                 policies: Policies | None = None, work: GraphWork | None = None, workers: int = 1,
                 ray_address: str | None = None, rebuild: Callable[[], HybridGraph] | None = None, threads: int = 1,
                 progress: bool = True) -> tuple[SensitivityTable, Policies]:

@@ -28,10 +28,12 @@ from hyfx import zoo
 from hyfx.capture import capture
 from hyfx.cpu import cpu_info
 from hyfx.data import data_config, example_input, make_loader
-from hyfx.evaluate import Predictions, accuracy, compare, wilson_interval
-from hyfx.graph import HybridGraph, analyze, quantize
+from hyfx.errors import HyfxError
+from hyfx.evaluate import Predictions, accuracy, predict, wilson_interval
+from hyfx.graph import GraphRecipe, HybridGraph, analyze, quantize
 from hyfx.meta import EXAMPLE_SHAPE
 from hyfx.pipelines.plan import make_plan
+from hyfx.ray_workers import Worker, run_on_actors
 from hyfx.search.sampling import calibration_images
 from hyfx.splits import sample_split
 
@@ -93,31 +95,62 @@ def _with_ci(acc_dict: dict) -> dict:
     return acc_dict
 
 
+def plan_and_predict(hg: HybridGraph, calib_loader: Iterable, eval_loader: Iterable, bits: int, variant: Variant,
+                     progress: bool = False) -> tuple[dict, float, Predictions]:
+    """One row's work: the variant's plan at W{bits}A{bits} (its summary and seconds) and its model's predictions."""
+    start = time.perf_counter()
+    plan = make_plan(variant.recipe, hg, calib_loader, w_bits=bits, a_bits=bits, progress=progress, **variant.options)
+    seconds = time.perf_counter() - start
+    return plan.summary(), seconds, predict(quantize(hg, plan), eval_loader, desc=variant.label, progress=progress)
+
+
+class PlanWorker(Worker):
+    """A Ray worker of the accuracy tables: the rebuilt graph and the decoded images, received once."""
+
+    def setup(self, rebuild: Callable[[], HybridGraph], calib: list, evaluation: list) -> None:
+        self.hg, self.calib, self.evaluation = rebuild(), calib, evaluation
+
+    def run(self, task: tuple[int, Variant]) -> tuple[dict, float, Predictions]:
+        bits, variant = task
+        return plan_and_predict(self.hg, self.calib, self.evaluation, bits, variant)
+
+
 def accuracy_tables(hg: HybridGraph, calib_loader: Iterable, eval_loader: Iterable, bits: Sequence[int] = (8, 6),
                     rows: Sequence[Variant] | None = None, progress: bool = False,
-                    on_bits: Callable[[dict], None] | None = None) -> dict:
-    """FP32 and each variant at each W{b}A{b}: top-1/top-5 with 95% intervals, agreement, KL, plan time."""
+                    on_bits: Callable[[dict], None] | None = None, workers: int = 1, ray_address: str | None = None,
+                    rebuild: Callable[[], HybridGraph] | None = None, threads: int = 1) -> dict:
+    """FP32 and each variant at each W{b}A{b}: top-1/top-5 with 95% intervals, agreement, KL, plan time.
+
+    `workers` > 1 or a `ray_address` makes the plans and their predictions on Ray workers (`hyfx.ray_workers`) of
+    `threads` threads, each rebuilding the graph with `rebuild` (a `hyfx.graph.GraphRecipe`); every figure but the
+    seconds is then what a serial run at `threads` threads gives, bit for bit."""
     rows = list(rows) if rows is not None else variants()
     floor = fp32_pass_seconds(hg.gm, calibration_images(calib_loader))
     out: dict = {"fp32_pass_seconds": round(floor, 2), "bits": {}}
-    eval_loader = list(eval_loader)  # decode the images once for every model
+    calib_loader, eval_loader = list(calib_loader), list(eval_loader)  # decode the images once for every model
+    reference = predict(hg.gm, eval_loader, desc="fp32", progress=progress)
+    tasks = [(b, v) for b in bits for v in rows]
+
+    def logged(task: tuple[int, Variant], result: tuple[dict, float, Predictions]) -> tuple[dict, float, Predictions]:
+        _log(f"W{task[0]}A{task[0]} {task[1].label}: {result[1]:.0f} s, {result[0]}")
+        return result
+
+    if workers > 1 or ray_address is not None:
+        if rebuild is None:
+            raise HyfxError("accuracy tables on Ray need `rebuild` (how a worker rebuilds the analysed graph)")
+        results = run_on_actors(PlanWorker, (rebuild, calib_loader, eval_loader), tasks, workers, ray_address,
+                                threads, desc=f"plans ({workers} workers)", progress=progress)
+        done = dict(zip(tasks, (logged(t, r) for t, r in zip(tasks, results, strict=True)), strict=True))
+    else:
+        done = {t: logged(t, plan_and_predict(hg, calib_loader, eval_loader, *t, progress=progress)) for t in tasks}
     for b in bits:
-        plans, seconds = {}, {}
+        table = {"fp32": {**accuracy(reference).to_dict(), "drop_top1": 0.0, "table": "fp32"}}
         for v in rows:
-            _log(f"W{b}A{b} {v.label} ...")
-            start = time.perf_counter()
-            plans[v.label] = make_plan(v.recipe, hg, calib_loader, w_bits=b, a_bits=b, progress=progress, **v.options)
-            seconds[v.label] = time.perf_counter() - start
-            _log(f"    {seconds[v.label]:.0f} s, {plans[v.label].summary()}")
-        results = compare(hg.gm, {label: quantize(hg, plan) for label, plan in plans.items()}, eval_loader,
-                          progress=progress)
-        fp32 = results["fp32"]
-        table = {"fp32": {**fp32.to_dict(), "drop_top1": 0.0, "table": "fp32"}}
-        for v in rows:
-            acc = results[v.label]
-            table[v.label] = _with_ci({**acc.to_dict(), "drop_top1": round(fp32.top1 - acc.top1, 2),
-                                       "plan_seconds": round(seconds[v.label], 1),
-                                       "plan_vs_fp32_pass": round(seconds[v.label] / floor, 1), "table": v.table})
+            _, seconds, predictions = done[(b, v)]
+            acc = accuracy(predictions, reference)
+            table[v.label] = _with_ci({**acc.to_dict(), "drop_top1": round(table["fp32"]["top1"] - acc.top1, 2),
+                                       "plan_seconds": round(seconds, 1), "plan_vs_fp32_pass": round(seconds / floor, 1),
+                                       "table": v.table})
         out["bits"][str(b)] = table
         if on_bits is not None:
             on_bits(out)
@@ -255,8 +288,10 @@ def bench_model(name: str, checkpoint: str | None = None, pretrained: bool = Fal
                 rows: Sequence[Variant] | None = None, latency: bool = True, ort_recipes: Sequence[str] = ORT_RECIPES,
                 runs: int = 30,
                 batches: Sequence[int] = (1, 8), threads: int = 2, progress: bool = False,
-                on_update: Callable[[dict], None] | None = None) -> dict:
-    """Everything `hyfx bench` reports for one model, as a JSON-ready dict."""
+                on_update: Callable[[dict], None] | None = None, workers: int = 1,
+                ray_address: str | None = None) -> dict:
+    """Everything `hyfx bench` reports for one model, as a JSON-ready dict. `workers` / `ray_address`: the accuracy
+    tables' plans on Ray workers of one thread each (`accuracy_tables`)."""
     start = time.perf_counter()
     model = zoo.create(name, checkpoint=checkpoint, pretrained=pretrained)
     real = zoo.is_real_weights(name) or checkpoint is not None or pretrained
@@ -280,7 +315,8 @@ def bench_model(name: str, checkpoint: str | None = None, pretrained: bool = Fal
             result["accuracy"] = tables
             update()
 
-        result["accuracy"] = accuracy_tables(hg, calib_loader, eval_loader, bits, rows, progress, on_bits)
+        result["accuracy"] = accuracy_tables(hg, calib_loader, eval_loader, bits, rows, progress, on_bits, workers,
+                                             ray_address, GraphRecipe(model, tuple(example_input(config).shape)))
     else:
         _log(f"{name}: random weights — accuracy skipped (meaningless), latency only")
     update()
