@@ -140,13 +140,14 @@ def accuracy_tables(hg: HybridGraph, calib_loader: Iterable, eval_loader: Iterab
             raise HyfxError("accuracy tables on Ray need `rebuild` (how a worker rebuilds the analysed graph)")
         results = run_on_actors(PlanWorker, (rebuild, calib_loader, eval_loader), tasks, workers, ray_address,
                                 threads, desc=f"plans ({workers} workers)", progress=progress)
-        done = dict(zip(tasks, (logged(t, r) for t, r in zip(tasks, results, strict=True)), strict=True))
+        done = {(b, v.label): logged((b, v), r) for (b, v), r in zip(tasks, results, strict=True)}
     else:
-        done = {t: logged(t, plan_and_predict(hg, calib_loader, eval_loader, *t, progress=progress)) for t in tasks}
+        done = {(b, v.label): logged((b, v), plan_and_predict(hg, calib_loader, eval_loader, b, v, progress=progress))
+                for b, v in tasks}
     for b in bits:
         table = {"fp32": {**accuracy(reference).to_dict(), "drop_top1": 0.0, "table": "fp32"}}
         for v in rows:
-            _, seconds, predictions = done[(b, v)]
+            _, seconds, predictions = done[(b, v.label)]
             acc = accuracy(predictions, reference)
             table[v.label] = _with_ci({**acc.to_dict(), "drop_top1": round(table["fp32"]["top1"] - acc.top1, 2),
                                        "plan_seconds": round(seconds, 1), "plan_vs_fp32_pass": round(seconds / floor, 1),
