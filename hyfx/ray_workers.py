@@ -69,9 +69,9 @@ class Worker:
 
 def run_on_actors(worker: type[Worker], shared: Sequence, tasks: Sequence, workers: int, address: str | None = None,
                   threads: int = 1, desc: str = "tasks", progress: bool = True,
-                  on_result: Callable[[object], None] | None = None) -> list:
+                  on_result: Callable[[object, object], None] | None = None) -> list:
     """Every task's `worker.run(task)` on `workers` actors of `threads` threads; results in the order of `tasks`
-    (`on_result` sees each as it arrives). Timings of the run land in `LAST_RUN`."""
+    (`on_result(task, result)` sees each as it arrives). Timings of the run land in `LAST_RUN`."""
     from tqdm import tqdm
 
     with ray_session(workers, threads, address) as ray:
@@ -90,7 +90,7 @@ def run_on_actors(worker: type[Worker], shared: Sequence, tasks: Sequence, worke
                 results[i] = result
                 task_seconds.append(seconds)
                 if on_result is not None:
-                    on_result(result)
+                    on_result(tasks[i], result)
             setup = ray.get([a.__ray_call__.remote(lambda self: self.setup_seconds) for a in actors])
         finally:
             for a in actors:

@@ -129,32 +129,37 @@ def accuracy_tables(hg: HybridGraph, calib_loader: Iterable, eval_loader: Iterab
     out: dict = {"fp32_pass_seconds": round(floor, 2), "bits": {}}
     calib_loader, eval_loader = list(calib_loader), list(eval_loader)  # decode the images once for every model
     reference = predict(hg.gm, eval_loader, desc="fp32", progress=progress)
+    fp32 = {**accuracy(reference).to_dict(), "drop_top1": 0.0, "table": "fp32"}
     tasks = [(b, v) for b in bits for v in rows]
+    done: dict[tuple[int, str], tuple[dict, float, Predictions]] = {}
 
-    def logged(task: tuple[int, Variant], result: tuple[dict, float, Predictions]) -> tuple[dict, float, Predictions]:
-        _log(f"W{task[0]}A{task[0]} {task[1].label}: {result[1]:.0f} s, {result[0]}")
-        return result
-
-    if workers > 1 or ray_address is not None:
-        if rebuild is None:
-            raise HyfxError("accuracy tables on Ray need `rebuild` (how a worker rebuilds the analysed graph)")
-        results = run_on_actors(PlanWorker, (rebuild, calib_loader, eval_loader), tasks, workers, ray_address,
-                                threads, desc=f"plans ({workers} workers)", progress=progress)
-        done = {(b, v.label): logged((b, v), r) for (b, v), r in zip(tasks, results, strict=True)}
-    else:
-        done = {(b, v.label): logged((b, v), plan_and_predict(hg, calib_loader, eval_loader, b, v, progress=progress))
-                for b, v in tasks}
-    for b in bits:
-        table = {"fp32": {**accuracy(reference).to_dict(), "drop_top1": 0.0, "table": "fp32"}}
+    def finished(task: tuple[int, Variant], result: tuple[dict, float, Predictions]) -> None:
+        """Log a row; once a bit-width's rows are all in, its table lands in `out` (and with `on_bits`)."""
+        b, variant = task
+        _log(f"W{b}A{b} {variant.label}: {result[1]:.0f} s, {result[0]}")
+        done[(b, variant.label)] = result
+        if any((b, v.label) not in done for v in rows):
+            return
+        table = {"fp32": fp32}
         for v in rows:
             _, seconds, predictions = done[(b, v.label)]
             acc = accuracy(predictions, reference)
-            table[v.label] = _with_ci({**acc.to_dict(), "drop_top1": round(table["fp32"]["top1"] - acc.top1, 2),
+            table[v.label] = _with_ci({**acc.to_dict(), "drop_top1": round(fp32["top1"] - acc.top1, 2),
                                        "plan_seconds": round(seconds, 1), "plan_vs_fp32_pass": round(seconds / floor, 1),
                                        "table": v.table})
         out["bits"][str(b)] = table
         if on_bits is not None:
             on_bits(out)
+
+    if workers > 1 or ray_address is not None:
+        if rebuild is None:
+            raise HyfxError("accuracy tables on Ray need `rebuild` (how a worker rebuilds the analysed graph)")
+        run_on_actors(PlanWorker, (rebuild, calib_loader, eval_loader), tasks, workers, ray_address, threads,
+                      desc=f"plans ({workers} workers)", progress=progress, on_result=finished)
+    else:
+        for b, v in tasks:
+            finished((b, v), plan_and_predict(hg, calib_loader, eval_loader, b, v, progress=progress))
+    out["bits"] = {str(b): out["bits"][str(b)] for b in bits}  # in the order asked for, however they finished
     return out
 
 
