@@ -269,6 +269,17 @@ def peers_table(report: dict) -> list[str]:
     return lines
 
 
+def peers_cpu_note(environment: dict) -> list[str]:
+    """The peers' int8 kernels depend on the CPU: say which features this one has, and what lacking VNNI does."""
+    features = environment.get("cpu_features", {})
+    line = "CPU features: " + (", ".join(k for k, v in features.items() if v) or "none probed") + "."
+    if features and not features.get("vnni"):
+        line += (" Without VNNI both runtimes multiply u8 × s8 with VPMADDUBSW, whose 16-bit pair sums saturate for "
+                 "8-bit weights; neither peer narrows its weights for it (hyfx's OpenVINO and ORT lowerings do: "
+                 "README, OpenVINO int8 on CPU), so their rows here are lower than on a VNNI CPU.")
+    return [line]
+
+
 def headline(report: dict) -> list[str]:
     """One row per real model: FP32, then each method's W8A8 / W6A6 top-1 change, and the best hyfx int8 speed."""
     lines = ["| model | n | FP32 top-1 [95% CI] | bits | " + " | ".join(t for t, _ in HEADLINE_METHODS)
@@ -297,8 +308,8 @@ def markdown(report: dict) -> str:
     lines += render(report["models"], paper, title="The seed papers' tables", level=2).splitlines() + [""]
     if any(r.get("peers") for r in report["models"]):
         lines += ["## The tools a practitioner would use instead (W8A8, deployed)", "",
-                  "Same calibration and evaluation images as the recipes above, each model run in its runtime.", "",
-                  *peers_table(report), ""]
+                  "Same calibration and evaluation images as the recipes above, each model run in its runtime.",
+                  *peers_cpu_note(report["environment"]), "", *peers_table(report), ""]
     if report.get("speed_only"):
         lines += ["### Latency / size of models without trained weights (speed only)", "",
                   *latency_table(report["speed_only"]), ""]

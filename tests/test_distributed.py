@@ -10,7 +10,7 @@ from torch import nn
 
 from hyfx import cli, ray_workers
 from hyfx.errors import HyfxError
-from hyfx.graph import GraphRecipe
+from hyfx.graph import GraphRecipe, HybridGraph
 from hyfx.hardware import BitConfig, this_cpu
 from hyfx.mixed.distributed import plan_tasks, split_layers
 from hyfx.mixed.sensitivity import build_table
@@ -46,12 +46,17 @@ def test_tasks_split_images_by_chunk_and_layers_only_to_even_out_the_workers(n_i
         assert len(tasks) % workers == 0 and len(tasks) >= 2 * workers and len({len(g) for _, g in tasks}) <= 2
 
 
-def test_distributed_table_is_the_serial_table_bit_for_bit():
+def tiny_setup(seed: int, n_eval: int) -> tuple[GraphRecipe, HybridGraph, list, list]:
+    """The tiny model's rebuild recipe and graph, two calibration batches and one labelled evaluation batch."""
     recipe = GraphRecipe(tiny_model(), (1, 3, 16, 16))
-    hg = recipe()
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     calib = [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(2)]
-    evaluation = [(torch.randn(6, 3, 16, 16, generator=gen), torch.randint(0, 10, (6,), generator=gen))]
+    evaluation = [(torch.randn(n_eval, 3, 16, 16, generator=gen), torch.randint(0, 10, (n_eval,), generator=gen))]
+    return recipe, recipe(), calib, evaluation
+
+
+def test_distributed_table_is_the_serial_table_bit_for_bit():
+    recipe, hg, calib, evaluation = tiny_setup(seed=0, n_eval=6)
     configs = [BitConfig(4, 8), BitConfig(8, 8)]
     profile = this_cpu()  # the roofline reads the thread count: one profile for both tables
     threads = torch.get_num_threads()
@@ -80,11 +85,7 @@ def test_accuracy_tables_on_ray_are_the_serial_tables():
     """`hyfx bench --workers`: every row's plan and predictions made on Ray workers, the same figures as serially."""
     from hyfx.pipelines.bench import Variant, accuracy_tables
 
-    recipe = GraphRecipe(tiny_model(), (1, 3, 16, 16))
-    hg = recipe()
-    gen = torch.Generator().manual_seed(1)
-    calib = [torch.randn(4, 3, 16, 16, generator=gen) for _ in range(2)]
-    evaluation = [(torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 10, (8,), generator=gen))]
+    recipe, hg, calib, evaluation = tiny_setup(seed=1, n_eval=8)
     rows = [Variant("minmax", "minmax"), Variant("ptq4vit", "ptq4vit"), Variant("minmax (full)", "minmax", {"full": True},
                                                                                "full")]
     threads = torch.get_num_threads()
