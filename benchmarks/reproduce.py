@@ -313,7 +313,8 @@ def markdown(report: dict) -> str:
     if report.get("speed_only"):
         lines += ["### Latency / size of models without trained weights (speed only)", "",
                   *latency_table(report["speed_only"]), ""]
-    lines += [f"![accuracy vs latency]({report['plots']['accuracy_latency']})", ""]
+    if "accuracy_latency" in report["plots"]:
+        lines += [f"![accuracy vs latency]({report['plots']['accuracy_latency']})", ""]
     trt = report.get("tensorrt", {})
     lines += ["### TensorRT", "", f"{trt.get('status')}: {trt.get('reason', '')}".rstrip(": "), ""]
     note = paper.get("hysquant", {}).get("note", "")
@@ -362,9 +363,11 @@ def markdown(report: dict) -> str:
 
 
 def render_all(report: dict, out: Path) -> None:
-    report["plots"] = {"headline": "reproduce_headline.png", "accuracy_latency": "reproduce_accuracy_latency.png"}
+    report["plots"] = {"headline": "reproduce_headline.png"}
     plot_headline(report, out / report["plots"]["headline"])
-    plot_accuracy_latency(report, out / report["plots"]["accuracy_latency"])
+    if any((r.get("ort") or {}).get("timings") for r in report["models"]):  # not with --no-latency
+        report["plots"]["accuracy_latency"] = "reproduce_accuracy_latency.png"
+        plot_accuracy_latency(report, out / report["plots"]["accuracy_latency"])
     (out / "reproduce.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "reproduce.md").write_text(markdown(report))
 
