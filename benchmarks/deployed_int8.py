@@ -7,7 +7,9 @@ bs1, --threads threads, two passes (pass 1 with a 10 ms pause between calls, pas
 - OpenVINO FP32 at INFERENCE_PRECISION_HINT=f32 and at OpenVINO's default precision (bf16 on CPUs with AVX-512
   BF16 / AMX: said in the table), NNCF int8 (`nncf.quantize`, ModelType.TRANSFORMER, same calibration images)
   and hyfx int8 in OpenVINO (`hyfx quantize --recipe R --target openvino`, lowered with `hyfx.export(...,
-  target="openvino")`), the int8 ones at the default precision for their float parts;
+  target="openvino")`: every quantizable layer int8; and `hyfx export --target openvino --cpu-int8`
+  (`hyfx.pipelines.openvino_cpu.compile_openvino`): int8 only where whole-model timing here says it pays),
+  the int8 ones at the default precision for their float parts;
 - each is also timed alone afterwards, and the alone / interleaved ratio is reported (1.0 = the loop did not
   distort it);
 - which compute layers run int8 is read from each compiled model's execution graph, and where each OpenVINO model
@@ -69,6 +71,7 @@ def configurations(name: str, recipe: str, n_calib: int, threads: int, work: Pat
                    split_outliers: float | None = None) -> tuple[dict, dict, object, dict]:
     """{config: callable(images) → logits}, {config: facts}, the captured graph and the data config; ORT's own
     quantized model is written under `work`."""
+    from hyfx.pipelines.openvino_cpu import compile_openvino
     from hyfx.pipelines.ort_cpu import compile_cpu
 
     model = zoo.create(name)
@@ -84,6 +87,9 @@ def configurations(name: str, recipe: str, n_calib: int, threads: int, work: Pat
                                        progress=False)
         plan_s[target] = round(time.perf_counter() - start, 1)
     label = f"hyfx {recipe}{'+bc' if bias_correction else ''}"
+    start = time.perf_counter()
+    ov_cpu = compile_openvino(hg, plans["openvino"], threads=threads)
+    ov_cpu_s = round(time.perf_counter() - start, 1)
     fp32_onnx = hort.fp32_model(gm)
     fp32_ov = hov.read_onnx(fp32_onnx)
     ov_models = {
@@ -91,6 +97,7 @@ def configurations(name: str, recipe: str, n_calib: int, threads: int, work: Pat
         "ov fp32 (default)": (fp32_ov, "default"),
         "nncf int8": (_nncf_int8(fp32_ov, [b[0] for b in loader]), "default"),
         f"{label} int8 (ov)": (hyfx.export(hg, plans["openvino"], target="openvino").model, "default"),
+        f"{label} int8 (ov, --cpu-int8)": (ov_cpu.export.model, "default"),
     }
     qs_path = hort.ort_quantize_static(fp32_onnx, loader, work / f"{name}_qs.onnx", quant_format="qdq")
     lowered = compile_cpu(hg, plans["ort"], loader)
@@ -111,6 +118,9 @@ def configurations(name: str, recipe: str, n_calib: int, threads: int, work: Pat
         facts[key] = {"runtime": "openvino", "precision": hov.inference_precision(compiled), "layers": precisions,
                       "int8_fraction": round(hov.int8_fraction(precisions), 3), "profile": profile}
     facts[f"{label} int8 (ov)"]["plan_seconds"] = plan_s["openvino"]
+    facts[f"{label} int8 (ov, --cpu-int8)"].update(
+        plan_seconds=plan_s["openvino"], compile_seconds=ov_cpu_s, int8_layers=len(ov_cpu.info.int8_layers),
+        float_layers=len(ov_cpu.info.float_layers), tuning=ov_cpu.info.tuning)
     return runners, facts, gm, config
 
 
@@ -137,6 +147,11 @@ def deployed_accuracy(name: str, runners: dict, gm, config: dict, n_calib: int, 
     return {k: v.to_dict() for k, v in results.items()}
 
 
+def _default_precision(report: dict) -> str:
+    return next((f["precision"] for data in report["speed"].values() for k, f in data["facts"].items()
+                 if k == "ov fp32 (default)"), "?")
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = ["# OpenVINO: hyfx int8 against OpenVINO FP32, NNCF int8 and ORT FP32", "",
@@ -145,7 +160,8 @@ def markdown(report: dict) -> str:
              f"every configuration of a model in one interleaved loop, medians of {report['runs']} runs; pass 1 with "
              "a 10 ms pause between calls, pass 2 without; ratio = ORT FP32 time / time (>1 = faster than ORT FP32); "
              "'alone/inter' = median timed alone over pass 1 (1 = the loop did not distort it). Precision: what the "
-             "runtime ran the float parts in (OpenVINO's default is bf16 on this CPU). int8: share of conv / linear "
+             f"runtime ran the float parts in (OpenVINO's default: {_default_precision(report)} on this CPU). "
+             "int8: share of conv / linear "
              "/ matmul layers in an int8 kernel (execution graph). MobileViTs have random weights: speed only.", "",
              "| model | config | precision | int8 | pass 1 ms | pass 1 × | pass 2 × | alone/inter |",
              "|---|---|---|---|---|---|---|---|"]

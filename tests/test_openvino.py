@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -56,19 +58,36 @@ def test_cli_exports_ir_and_evaluates_it_in_openvino(capsys, tmp_path, sample_im
     root = str(sample_images.root)
     assert cli.main(["quantize", "lite0-real", "--recipe", "minmax", "--target", "openvino", "--calib", root,
                      "--n-calib", "4", "--out", str(plan)]) == 0
-    assert cli.main(["export", "lite0-real", "--plan", str(plan), "--target", "openvino", "--out", str(xml),
-                     "--check", root, "--n-check", "25"]) == 0
+    assert cli.main(["export", "lite0-real", "--plan", str(plan), "--target", "openvino", "--cpu-int8", "--out",
+                     str(xml), "--check", root, "--n-check", "25", "--json", str(tmp_path / "x.json")]) == 0
     out = capsys.readouterr().out
     assert xml.is_file() and "OpenVINO (" in out and "vs PyTorch quantized on 25 images" in out
+    assert "OpenVINO CPU int8: " in out and "left float" in out
+    import json
+
+    chosen = json.loads((tmp_path / "x.json").read_text())["cpu_int8"]
+    assert chosen["int8_layers"] or chosen["float_layers"]
     assert cli.main(["eval", "lite0-real", "--plan", str(plan), "--data", root, "--n-eval", "25", "--backend",
                      "openvino", "--precision", "f32", "--json", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert "minmax (OpenVINO f32" in out and "fp32" in out  # ", 7-bit weights: no VNNI" on CPUs without it
-    import json
-
     data = json.loads((tmp_path / "r.json").read_text())
     (label,) = [k for k in data["results"] if k.startswith("minmax (OpenVINO f32")]
     assert data["backend"] == "openvino" and data["results"][label]["agreement"] >= 80
+    # the file itself, as deployed (its float layers exact, so at least as close to FP32 as a rule)
+    assert cli.main(["eval", "lite0-real", "--plan", str(plan), "--data", root, "--n-eval", "25", "--deployed",
+                     str(xml), "--precision", "f32", "--json", str(tmp_path / "d.json")]) == 0
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert data["deployed"] == str(xml) and data["results"]["model.xml (OpenVINO f32)"]["agreement"] >= 80
+    bad = tmp_path / "broken.xml"
+    bad.write_text("not an IR")
+    for path, message in ((tmp_path / "missing.xml", "no such file"), (plan, r"expected an ONNX model \(.onnx\)"),
+                          (bad, "OpenVINO cannot load it")):
+        capsys.readouterr()
+        assert cli.main(["eval", "lite0-real", "--plan", str(plan), "--data", root, "--n-eval", "2", "--deployed",
+                         str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and re.search(message, err), err
 
 
 def test_profile_says_which_kernels_ran_int8_and_where_the_time_went(lowered):
@@ -111,3 +130,48 @@ def test_weights_are_narrowed_to_what_the_cpu_multiplies_exactly(conv_head):
     same, none = openvino.weights_for_this_cpu(plan, bits=8)
     assert none == [] and same.layers.keys() == plan.layers.keys()
     assert plan.layers[layer].weight.bits == 8  # the plan given is not changed
+
+
+def test_layers_left_float_lose_every_quantizer_and_keep_the_rest(conv_head):
+    from hyfx.pipelines.openvino_cpu import keep_layers
+
+    _, hg, calib = conv_head
+    plan = hyfx.recipes.minmax(hg, calib, progress=False)
+    layers = sorted(plan.layers)
+    kept = keep_layers(plan, layers, layers[:1])
+    assert sorted(kept.layers) == layers[:1] and kept.layers[layers[0]] is plan.layers[layers[0]]
+    assert kept.meta["float_layers"]["layers"] == len(layers) - 1 and sorted(plan.layers) == layers
+    assert "float_layers" not in keep_layers(plan, layers, layers).meta
+
+
+@pytest.mark.parametrize("thresholds", [(), (0.0,)], ids=["all-float-only", "timed"])
+def test_cpu_int8_runs_int8_exactly_the_layers_it_reports(conv_head, thresholds, monkeypatch):
+    """Whatever the timing picks, the compiled model runs int8 in the layers the result names and nowhere else,
+    and matches its reference (the plan as deployed); with no threshold, every layer is float and the model is the
+    FP32 one, bias correction included (the float layers get their own weights back)."""
+    from hyfx.pipelines.openvino_cpu import compile_openvino
+
+    _, hg, calib = conv_head
+    # as on a CPU with VNNI: without it the weights are narrowed to 7 bits, which drops their bias correction
+    monkeypatch.setattr(openvino, "cpu_weight_bits", lambda: 8)
+    plan = hyfx.make_plan("minmax", hg, calib, target="openvino", bias_correction=True, progress=False)
+    assert any(p.bias_correction is not None for p in plan.layers.values())
+    result = compile_openvino(hg, plan, precision="f32", thresholds=thresholds, runs=5)
+    info = result.info
+    assert sorted(info.int8_layers + info.float_layers) == sorted(plan.layers)
+    assert sorted(result.plan.layers) == sorted(info.int8_layers)
+    assert {t["int8_layers"] for t in info.tuning} >= {0} and len(info.latency) == len(plan.layers)
+    compiled = openvino.compile_model(result.export.model, "f32")
+    precisions = openvino.runtime_precisions(compiled)
+    n_int8 = sum(n for c in precisions.values() for p, n in c.items() if p in openvino.INT8)
+    assert n_int8 == len(info.int8_layers), (precisions, info.int8_layers)
+    loader = [(x, torch.zeros(len(x), dtype=torch.long)) for x in calib]
+    parity = openvino.parity(compiled, result.export.reference, loader)
+    with torch.no_grad():
+        scale = max(float(hg.gm(x).abs().max()) for x in calib)
+    assert parity.max_abs_diff < 0.02 * scale, parity
+    if not thresholds:
+        assert info.threshold is None and not info.int8_layers
+        with torch.no_grad():
+            for x in calib:
+                torch.testing.assert_close(torch.from_numpy(openvino.run(compiled, x)), hg.gm(x), atol=1e-6, rtol=1e-5)

@@ -7,7 +7,7 @@ DQ out), so a layer whose island is slower than its FP32 op is better left in FP
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -119,6 +119,20 @@ def _model(nodes: list, inputs: list, inits: list) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
 
 
+def layer_islands(hg: HybridGraph, layers: Iterable[str], batch: int = 1, weight_bits: int = 7
+                  ) -> Iterator[tuple[str, str, str, onnx.ModelProto, onnx.ModelProto, list[np.ndarray]]]:
+    """(layer, kind, shape text, FP32 model, int8-island model, inputs) for each layer that has a recorded shape."""
+    qmax = 2 ** (weight_bits - 1) - 1
+    for layer in layers:
+        node = hg.node(layer)
+        kind = node.meta[TAGS]["kind"]
+        try:
+            fp32, int8, feeds, shape = _layer_models(hg.gm, node, kind, batch, qmax)
+        except (ValueError, TypeError, IndexError):
+            continue
+        yield layer, kind, shape, fp32, int8, feeds
+
+
 def layer_latency_table(hg: HybridGraph, layers: Iterable[str], batch: int = 1, weight_bits: int = 7,
                         runs: int = 40) -> dict[str, LayerTiming]:
     """Each layer alone in ORT at its real shape and `batch`: FP32 op vs its int8 island (Q in, int8 op, DQ out).
@@ -128,14 +142,7 @@ def layer_latency_table(hg: HybridGraph, layers: Iterable[str], batch: int = 1, 
     processes on a shared machine do not inflate (wall time of a 2-thread session does).
     """
     table = {}
-    qmax = 2 ** (weight_bits - 1) - 1
-    for layer in layers:
-        node = hg.node(layer)
-        kind = node.meta[TAGS]["kind"]
-        try:
-            fp32, int8, feeds, shape = _layer_models(hg.gm, node, kind, batch, qmax)
-        except (ValueError, TypeError, IndexError):
-            continue
+    for layer, kind, shape, fp32, int8, feeds in layer_islands(hg, layers, batch, weight_bits):
         sessions = {"fp32": session(fp32, 1), "int8": session(int8, 1)}
         calls = {k: partial(s.run, None, dict(zip([i.name for i in s.get_inputs()], feeds, strict=False)))
                  for k, s in sessions.items()}

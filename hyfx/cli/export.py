@@ -27,7 +27,8 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
                    help="make an asymmetric plan symmetric int8 first (TensorRT has no zero points)")
     p.add_argument("--no-fold-bn", action="store_true", help="keep BatchNorm separate (the plan's exact graph)")
     p.add_argument("--cpu-int8", action="store_true",
-                   help="ONNX Runtime CPU lowering: int8 only where this CPU runs it faster (needs --calib)")
+                   help="int8 only where this CPU runs it faster, chosen by timing (ort: needs --calib; openvino: "
+                        "the layers left float lose their quantizers)")
     p.add_argument("--fast-weights", action="store_true",
                    help="--cpu-int8 without VNNI: 7-bit weights in transformer / bridge layers too (u8s8 kernels; "
                         "a little faster where attention blocks dominate, e.g. MobileViT; less accurate)")
@@ -56,11 +57,22 @@ def export_command(args: argparse.Namespace, gm, config: dict, pool_of) -> int:
         raise HyfxError(f"plan {args.plan} was made for {plan.model}, not {args.model}: pass the matching model")
     calib_names = plan.meta.get("calibration", {}).get("images", [])
     info = None
-    if args.cpu_int8:
+    if args.cpu_int8 and args.target == "openvino":
+        from hyfx.pipelines.openvino_cpu import compile_openvino
+
+        if args.no_fold_bn or args.symmetric:
+            raise HyfxError("--cpu-int8 for OpenVINO folds BatchNorm and keeps the plan's schemes: drop --no-fold-bn "
+                            "/ --symmetric")
+        ov_cpu = compile_openvino(gm, plan, log2_mode=args.log2_mode)
+        result, info = ov_cpu.export, ov_cpu.info
+        result.save(args.out)
+        print(f"OpenVINO CPU int8: {len(info.int8_layers)} layers int8, {len(info.float_layers)} left float "
+              f"(int8 not faster here; float parts in {info.precision}, {'VNNI' if info.vnni else 'no VNNI'})")
+    elif args.cpu_int8:
         from hyfx.pipelines import ort_cpu
 
         if args.target != "ort":
-            raise HyfxError("--cpu-int8 lowers for ONNX Runtime: use --target ort")
+            raise HyfxError("--cpu-int8 lowers for a CPU runtime: use --target ort or --target openvino")
         if not args.calib:
             raise HyfxError("--cpu-int8 calibrates the int8 kernels' extra quantizers: pass --calib DIR")
         calib = plan_calibration_images(pool_of(args.calib), calib_names)

@@ -152,7 +152,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise HyfxError(f"{args.data} labels an image with class {max(pool.labels)}, beyond {args.model}'s {classes} "
                         "classes: fix the labels (0-based class indices)")
     gm, config = _captured(model)
-    deployed, label = _deployed(gm, plan, args.backend, args.precision)
+    if args.deployed:
+        deployed, label = _model_file(args.deployed, args.precision)
+    else:
+        deployed, label = _deployed(gm, plan, args.backend, args.precision)
     loader = make_loader(pool, config, batch_size=args.batch_size)
     results = compare(gm, {label: deployed}, loader)
     real = zoo.is_real_weights(args.model) or args.checkpoint is not None
@@ -166,14 +169,37 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ci = f"[{acc.top1_ci95[0]:.1f}, {acc.top1_ci95[1]:.1f}]"
         print(f"{name:<{width}}{acc.top1:7.2f}%{acc.top5:7.2f}%{ci:>18}{agree}{kl}")
     if args.json:
-        payload = {"model": args.model, "plan": str(args.plan), "backend": args.backend, "label": label,
-                   "images": len(pool), "real_weights": real,
+        payload = {"model": args.model, "plan": str(args.plan), "backend": args.backend, "deployed": args.deployed,
+                   "label": label, "images": len(pool), "real_weights": real,
                    "results": {k: v.to_dict() for k, v in results.items()}}
         write_text(args.json, json.dumps(payload, indent=1) + "\n")
     return 0
 
 
 BACKENDS = ("fake", "ort", "openvino")
+
+
+def _model_file(path: str, precision: str) -> tuple[object, str]:
+    """(images → logits, row label) of a model file `hyfx export` wrote, run as it is in its runtime."""
+    if not Path(path).is_file():
+        raise HyfxError(f"--deployed {path}: no such file; pass the .onnx or .xml that `hyfx export` wrote")
+    suffix = Path(path).suffix
+    if suffix not in (".onnx", ".xml"):
+        raise HyfxError(f"--deployed {path}: expected an ONNX model (.onnx) or an OpenVINO IR (.xml)")
+    runtime = "ONNX Runtime" if suffix == ".onnx" else "OpenVINO"
+    try:
+        if suffix == ".onnx":
+            from hyfx.backends import ort
+
+            return ort.runner(ort.session(path)), f"{Path(path).name} (ORT)"
+        from hyfx.backends import openvino
+
+        compiled = openvino.compile_model(path, precision)
+        return openvino.runner(compiled), f"{Path(path).name} (OpenVINO {openvino.inference_precision(compiled)})"
+    except Exception as e:  # the runtimes raise their own types (InvalidProtobuf, RuntimeError, ...)
+        reason = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise HyfxError(f"--deployed {path}: {runtime} cannot load it ({reason}); export it again with hyfx export"
+                        ) from None
 
 
 def _deployed(gm: torch.fx.GraphModule, plan: hyfx.QuantPlan, backend: str, precision: str) -> tuple[object, str]:
@@ -303,8 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, default="fake",
                    help="where the quantized model runs: fake (PyTorch fake quantization, the plan itself), ort "
                         "(its ONNX QDQ export in ONNX Runtime) or openvino (in OpenVINO on this CPU)")
+    p.add_argument("--deployed", metavar="FILE",
+                   help="evaluate this file as written by `hyfx export` (.onnx in ONNX Runtime, .xml in OpenVINO) "
+                        "instead of lowering the plan again; --plan still names the calibration images to leave out")
     p.add_argument("--precision", choices=("default", "f32"), default="default",
-                   help="--backend openvino: the float parts' precision (default: the CPU's choice, bf16 on "
+                   help="--backend openvino / an .xml --deployed: the float parts' precision (default: the CPU's choice, bf16 on "
                         "AVX-512 BF16 / AMX CPUs; f32 forces FP32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=32)
