@@ -66,8 +66,9 @@ def export_command(args: argparse.Namespace, gm, config: dict, pool_of) -> int:
         ov_cpu = compile_openvino(gm, plan, log2_mode=args.log2_mode)
         result, info = ov_cpu.export, ov_cpu.info
         result.save(args.out)
-        print(f"OpenVINO CPU int8: {len(info.int8_layers)} layers int8, {len(info.float_layers)} left float "
-              f"(int8 not faster here; float parts in {info.precision}, {'VNNI' if info.vnni else 'no VNNI'})")
+        why = " (int8 not faster here)" if info.float_layers else ""
+        print(f"OpenVINO CPU int8: {len(info.int8_layers)} layers int8, {len(info.float_layers)} left float{why}; "
+              f"float parts in {info.precision}, {'VNNI' if info.vnni else 'no VNNI'}")
     elif args.cpu_int8:
         from hyfx.pipelines import ort_cpu
 
