@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -130,6 +131,24 @@ def lower_subset(result: ExportResult, keep: set[tuple[str, str]]) -> onnx.Model
         raise HyfxError("this export kept no marked model to re-lower")
     skip = {i for i, p in enumerate(result.points) if (p.layer, p.role) not in keep}
     return _finish(copy.deepcopy(result.marked), result.points, result.report.log2_mode, result.report.target, skip)[0]
+
+
+def export_subset(gm: fx.GraphModule | HybridGraph, result: ExportResult, full: QuantPlan, plan: QuantPlan,
+                  left_float: Iterable[str], model: onnx.ModelProto | None = None) -> ExportResult:
+    """The export of `plan`, whose quantizers are a subset of `full`'s, which `result` exported: re-lowered from
+    `result` (or `model`, that re-lowering already made), but exported again when a layer of `left_float` carries a
+    bias correction or learned rounding in `full` (baked into the exported weights, which re-lowering cannot undo)."""
+    keep = {(layer, role) for layer, role, _ in plan.specs()}
+    target = result.report.target
+    if any(full.layers[layer].bias_correction is not None or full.layers[layer].weight_rounding is not None
+           for layer in left_float if layer in full.layers):
+        model = export(gm, plan, None, target=target, log2_mode=result.report.log2_mode).model
+    elif model is None:
+        model = lower_subset(result, keep)
+    reference, _, _, _ = prepare(gm, plan)
+    report = replace(result.report, quant_points=len(keep), counts=check_qdq(model, target),
+                     model_bytes=model.ByteSize())
+    return ExportResult(model, reference, [p for p in result.points if (p.layer, p.role) in keep], report)
 
 
 def prepare(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, fold_bn: bool = True

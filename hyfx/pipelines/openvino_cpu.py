@@ -16,7 +16,7 @@ Quantizers no int8 kernel consumes (log2 post-softmax codes, norms) stay as the 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch.fx as fx
@@ -24,7 +24,6 @@ import torch.fx as fx
 from hyfx.backends import onnx_qdq
 from hyfx.backends import openvino as hov
 from hyfx.backends.ort_layers import LayerTiming, layer_islands
-from hyfx.backends.qdq_rules import check_qdq
 from hyfx.cpu import cpu_info
 from hyfx.graph import HybridGraph, analyze_for
 from hyfx.meta import EXAMPLE_SHAPE
@@ -123,14 +122,5 @@ def compile_openvino(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, precisio
         {k: {**asdict(v), "speedup": round(v.speedup, 3)} for k, v in table.items()},
         [{"threshold": _json(t), "int8_layers": len(variants[t][1]), "ms": round(median(v) * 1000, 3)}
          for t, v in timings.items()], _json(best))
-    model = lowered[best]
-    float_layers = [narrowed_plan.layers[layer] for layer in info.float_layers]
-    if any(p.bias_correction is not None or p.weight_rounding is not None for p in float_layers):
-        # baked into the exported weights, which lower_subset cannot undo: the float layers need their own
-        model = onnx_qdq.export(hg, vplan, None, target="openvino", log2_mode=log2_mode).model
-    reference, _, _, _ = onnx_qdq.prepare(hg, vplan)
-    report = replace(exported.report, quant_points=sum(1 for _ in vplan.specs()), counts=check_qdq(model, "openvino"),
-                     model_bytes=model.ByteSize())
-    points = [p for p in exported.points if (p.layer, p.role) in {(la, r) for la, r, _ in vplan.specs()}]
-    qdq = onnx_qdq.ExportResult(model, reference, points, report)
-    return OpenVinoCpuResult(hov.OpenVinoExport(hov.read_onnx(model), qdq, narrowed), vplan, info)
+    qdq = onnx_qdq.export_subset(hg, exported, narrowed_plan, vplan, info.float_layers, lowered[best])
+    return OpenVinoCpuResult(hov.OpenVinoExport(hov.read_onnx(qdq.model), qdq, narrowed), vplan, info)

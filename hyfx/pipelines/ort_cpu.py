@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +40,6 @@ import torch.fx as fx
 from hyfx.backends import onnx_qdq
 from hyfx.backends.ort import session, time_sessions
 from hyfx.backends.ort_layers import layer_latency_table
-from hyfx.backends.qdq_rules import check_qdq
 from hyfx.cpu import cpu_info
 from hyfx.graph import HybridGraph
 from hyfx.meta import EXAMPLE_SHAPE, TAGS
@@ -137,14 +136,7 @@ def compile_cpu(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader:
     info.fp32_layers = [layer for layer in candidates if layer not in chosen]
     _, int8 = region_plan(hg, plan, chosen, bits, specs=full)
     info.int8_ops = sorted(n.meta[TAGS]["name"] for n, role in int8.items() if role != "layer")
-    if any(full.layers[layer].bias_correction is not None or full.layers[layer].weight_rounding is not None
-           for layer in info.fp32_layers if layer in full.layers):  # baked into constants lower_subset cannot drop
-        model = onnx_qdq.export(hg, vplan, None, target="ort", log2_mode=log2_mode).model  # FP32 layers: own weights
-    reference, _, _, _ = onnx_qdq.prepare(hg, vplan)
-    report = replace(exported.report, quant_points=sum(1 for _ in vplan.specs()),
-                     counts=check_qdq(model, "ort"), model_bytes=model.ByteSize())
-    result = onnx_qdq.ExportResult(model, reference, [p for p in exported.points if (p.layer, p.role) in
-                                                      {(la, r) for la, r, _ in vplan.specs()}], report)
+    result = onnx_qdq.export_subset(hg, exported, full, vplan, info.fp32_layers, model)
     if path is not None:
         result.save(path)
     return CpuResult(result, vplan, info)
