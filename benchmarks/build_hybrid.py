@@ -13,8 +13,8 @@ lite2-real) are all built the same way, reproducibly:
 4. Optional end-to-end logit distillation (--kd-epochs; off by default, it lowered held-out top-1 in every
    build that ran it): only the new blocks train, KL(teacher || hybrid) on the logits, running the frozen
    network from the first graft point on the cached features.
-5. Held-out evaluation (teacher and hybrid top-1/top-5, attention entropy, attention ablation), then the new
-   blocks' weights and a JSON card are written.
+5. Held-out evaluation (teacher and hybrid top-1/top-5, attention entropy, attention ablation; for MobileViTv2
+   blocks also the context vector frozen at its mean), then the new blocks' weights and a JSON card are written.
 
     python benchmarks/build_hybrid.py --data ../shared/data/imagenet-sample --out hyfx/weights   # lite0-vit-real
     python benchmarks/build_hybrid.py --model lite1-v2-real     # or lite2-ef2-real; --out defaults to hyfx/weights
@@ -41,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from hyfx import hybrid, zoo
+from hyfx import attention_probes, hybrid, zoo
 from hyfx.data import ImageSet, data_config, load_image_folder
 
 SPLIT_SEED = 1234  # fixed: the training/held-out split must never change between builds (same for every hybrid)
@@ -269,13 +269,37 @@ def init_downsample_from_teacher(block: nn.Module, x: torch.Tensor, y: torch.Ten
 
 
 @torch.no_grad()
+def init_v2_projection_from_teacher(block: nn.Module, x: torch.Tensor, y: torch.Tensor, branch_scale: float) -> None:
+    """A MobileViTv2 block without a shortcut: its depthwise conv starts as the identity, the transformer's
+    attention and MLP branches damped, and the output projection at the least-squares 1x1 map to the replaced
+    block's output, so the block starts near the best linear stand-in and training learns the rest."""
+    dw = block.conv_kxk.conv
+    dw.weight.zero_()
+    dw.weight[:, :, dw.kernel_size[0] // 2, dw.kernel_size[1] // 2] = 1.0
+    for layer in block.transformer:
+        layer.attn.out_proj.weight.mul_(branch_scale)
+        layer.mlp.fc2.weight.mul_(branch_scale)
+    seen = {}
+    handle = block.conv_proj.conv.register_forward_hook(lambda _m, args, _o: seen.setdefault("in", args[0]))
+    block.eval()
+    block(x)
+    handle.remove()
+    weight, bias = linear_fit(seen["in"], y)
+    conv = block.conv_proj.conv
+    conv.weight.copy_(weight[:, :, None, None])
+    _pass_through_bn(conv, block.conv_proj.bn, lambda: block(x), bias)
+
+
+@torch.no_grad()
 def init_block_from_teacher(block: nn.Module, graft: hybrid.Graft, x: torch.Tensor, y: torch.Tensor,
                             branch_scale: float) -> None:
     """Start each family's block near the blocks it replaces, so training learns only the rest."""
     if graft.kind == "mobilevit":
         init_fusion_from_teacher(block, x, y, branch_scale)
-    elif graft.kind == "mobilevitv2":  # Residual: identity plus a damped branch
+    elif graft.kind == "mobilevitv2" and graft.residual:  # Residual: identity plus a damped branch
         block.block.conv_proj.bn.weight.mul_(branch_scale)
+    elif graft.kind == "mobilevitv2":
+        init_v2_projection_from_teacher(block, x, y, branch_scale)
     elif graft.kind == "efficientformerv2":  # layer scales start the attention and MLP branches small
         block.ls1.gamma.fill_(branch_scale)
         block.ls2.gamma.fill_(branch_scale)
@@ -366,12 +390,17 @@ def evaluate(
 
     chunks = list(start.split(100))
     logits = torch.cat([forward(x) for x in chunks])
-    with hybrid.attention_removed(model):
+    with attention_probes.attention_removed(model):
         ablated = torch.cat([forward(x) for x in chunks])
     t1, t5 = topk(cache["logits"], labels)
     h1, h5 = topk(logits, labels)
     a1, a5 = topk(ablated, labels)
     agree = (logits.argmax(1) == cache["logits"].argmax(1)).float().mean().item()
+    frozen = {}
+    if any(g.kind == "mobilevitv2" for g in grafts):  # separable attention: is its cross-token term used?
+        with attention_probes.separable_context_frozen(model, chunks, forward):
+            f1 = topk(torch.cat([forward(x) for x in chunks]), labels)[0]
+        frozen = {"context_frozen_top1": f1, "context_frozen_drop_top1": h1 - f1}
     return {
         "n_images": len(labels),
         "teacher_top1": t1,
@@ -382,7 +411,8 @@ def evaluate(
         "no_attention_top1": a1,
         "no_attention_top5": a5,
         "attention_ablation_drop_top1": h1 - a1,
-        "attention_entropy": hybrid.attention_entropy(model, chunks, forward),
+        **frozen,
+        "attention_entropy": attention_probes.attention_entropy(model, chunks, forward),
     }
 
 

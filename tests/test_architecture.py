@@ -26,7 +26,7 @@ STAGES: list[tuple[str, ...]] = [
     ("hyfx.recipes",),
     ("hyfx.refine",),
     ("hyfx.backends",),
-    ("hyfx.checkpoint", "hyfx.hybrid", "hyfx.zoo", "hyfx.splits"),
+    ("hyfx.checkpoint", "hyfx.hybrid", "hyfx.attention_probes", "hyfx.zoo", "hyfx.splits"),
     ("hyfx.pipelines",),
     ("hyfx",),
     ("hyfx.cli",),
