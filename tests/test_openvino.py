@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -63,8 +64,6 @@ def test_cli_exports_ir_and_evaluates_it_in_openvino(capsys, tmp_path, sample_im
     out = capsys.readouterr().out
     assert xml.is_file() and "OpenVINO (" in out and "vs PyTorch quantized on 25 images" in out
     assert "OpenVINO CPU int8: " in out and "left float" in out
-    import json
-
     chosen = json.loads((tmp_path / "x.json").read_text())["cpu_int8"]
     assert chosen["int8_layers"] or chosen["float_layers"]
     assert cli.main(["eval", "lite0-real", "--plan", str(plan), "--data", root, "--n-eval", "25", "--backend",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 
 import numpy as np
@@ -35,6 +35,9 @@ class LayerTiming:
     @property
     def speedup(self) -> float:
         return self.fp32_us / self.int8_us if self.int8_us else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "speedup": round(self.speedup, 3)}
 
 
 def _tensor_info(name: str, shape: tuple[int, ...]) -> onnx.ValueInfoProto:

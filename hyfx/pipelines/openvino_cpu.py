@@ -27,7 +27,7 @@ from hyfx.backends.ort_layers import LayerTiming, layer_islands
 from hyfx.cpu import cpu_info
 from hyfx.graph import HybridGraph, analyze_for
 from hyfx.meta import EXAMPLE_SHAPE
-from hyfx.pipelines.ort_cpu import THRESHOLDS, fastest_with_most_int8
+from hyfx.pipelines.ort_cpu import THRESHOLDS, fastest_with_most_int8, int8_choices
 from hyfx.pipelines.ort_cpu_plan import int8_candidates
 from hyfx.quant.spec import QuantPlan
 from hyfx.timing import median, time_interleaved
@@ -98,13 +98,8 @@ def compile_openvino(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, precisio
     table = layer_table(hg, candidates, bits, precision)
     exported = onnx_qdq.export(hg, narrowed_plan, None, target="openvino", log2_mode=log2_mode)
 
-    variants: dict[float, tuple[QuantPlan, list[str]]] = {}
-    seen: set[frozenset] = set()
-    for t in [*sorted(set(thresholds)), ALL_FLOAT]:
-        chosen = [layer for layer in candidates if layer not in table or table[layer].speedup >= t]
-        if frozenset(chosen) not in seen:
-            seen.add(frozenset(chosen))
-            variants[t] = (keep_layers(narrowed_plan, candidates, chosen), chosen)
+    variants = {t: (keep_layers(narrowed_plan, candidates, chosen), chosen)
+                for t, chosen in int8_choices(candidates, table, [*sorted(set(thresholds)), ALL_FLOAT]).items()}
     lowered = {t: onnx_qdq.lower_subset(exported, {(layer, role) for layer, role, _ in vplan.specs()})
                for t, (vplan, _) in variants.items()}
     compiled = {t: hov.compile_model(hov.read_onnx(model), precision, threads) for t, model in lowered.items()}
@@ -119,7 +114,7 @@ def compile_openvino(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, precisio
     info = OpenVinoCpuInfo(
         cpu_info().vnni, hov.inference_precision(compiled[best]), chosen,
         [layer for layer in candidates if layer not in chosen],
-        {k: {**asdict(v), "speedup": round(v.speedup, 3)} for k, v in table.items()},
+        {k: v.to_dict() for k, v in table.items()},
         [{"threshold": _json(t), "int8_layers": len(variants[t][1]), "ms": round(median(v) * 1000, 3)}
          for t, v in timings.items()], _json(best))
     qdq = onnx_qdq.export_subset(hg, exported, narrowed_plan, vplan, info.float_layers, lowered[best])

@@ -39,7 +39,7 @@ import torch.fx as fx
 
 from hyfx.backends import onnx_qdq
 from hyfx.backends.ort import session, time_sessions
-from hyfx.backends.ort_layers import layer_latency_table
+from hyfx.backends.ort_layers import LayerTiming, layer_latency_table
 from hyfx.cpu import cpu_info
 from hyfx.graph import HybridGraph
 from hyfx.meta import EXAMPLE_SHAPE, TAGS
@@ -87,6 +87,18 @@ def fastest_with_most_int8(timings: dict[float, list[float]], int8_layers: dict[
     return max((t for t, m in medians.items() if m <= fastest * (1 + tie)), key=lambda t: (int8_layers[t], -medians[t]))
 
 
+def int8_choices(candidates: list[str], table: dict[str, LayerTiming], thresholds: Iterable[float]
+                 ) -> dict[float, list[str]]:
+    """{threshold: the candidates that stay int8} for each threshold giving a new set: a layer stays int8 where its
+    island's speedup reaches the threshold (or it has no table entry)."""
+    choices: dict[float, list[str]] = {}
+    for t in thresholds:
+        chosen = [layer for layer in candidates if layer not in table or table[layer].speedup >= t]
+        if chosen not in choices.values():
+            choices[t] = chosen
+    return choices
+
+
 def compile_cpu(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader: Iterable, path: str | Path | None = None,
                 log2_mode: str = "exact", weight_bits: int | None = None, batch: int = 1,
                 thresholds: Iterable[float] = THRESHOLDS, runs: int = 15, max_batches: int | None = None,
@@ -109,15 +121,9 @@ def compile_cpu(gm: fx.GraphModule | HybridGraph, plan: QuantPlan, calib_loader:
     candidates = int8_candidates(hg, plan)
     table = layer_latency_table(hg, candidates, batch=batch, weight_bits=bits)
     exported = onnx_qdq.export(hg, full, None, target="ort", log2_mode=log2_mode)
-    info = CpuPlanInfo(bits, cpu_info().vnni, latency={k: {**asdict(v), "speedup": round(v.speedup, 3)}
-                                                       for k, v in table.items()})
+    info = CpuPlanInfo(bits, cpu_info().vnni, latency={k: v.to_dict() for k, v in table.items()})
     variants: dict[float, tuple[QuantPlan, onnx.ModelProto, list[str]]] = {}
-    seen: set[frozenset] = set()
-    for t in sorted(set(thresholds)):
-        chosen = [layer for layer in candidates if layer not in table or table[layer].speedup >= t]
-        if frozenset(chosen) in seen:
-            continue
-        seen.add(frozenset(chosen))
+    for t, chosen in int8_choices(candidates, table, sorted(set(thresholds))).items():
         vplan, _ = region_plan(hg, plan, chosen, bits, specs=full)
         keep = {(layer, role) for layer, role, _ in vplan.specs()}
         model = onnx_qdq.lower_subset(exported, keep)
